@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  make demo  (the main job)   make test  (the test suite)
+# Both create .venv and install what is needed first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13 is what this project is developed and tested with;
+# override (e.g. TORCH_SPEC="torch>=2.1") to use another build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-fast install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The paper's MNIST classifier, layer max1: every class's core units and holding rate.
+# MNIST comes from DATA_ROOT / $$COREUNITS_DATA, a download, or the bundled sample.
+demo: $(VENV)/.installed
+	$(PY) -m coreunits.cli demo $(if $(DATA_ROOT),--data-root $(DATA_ROOT),)
+
+# The whole suite (slow tests included, about 5 minutes on 2 cores).
+# pytest exits 5 when it collects nothing: turn that into a loud failure.
+test: $(VENV)/.installed
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: PYTEST_ARGS = -m "not slow"
+test-fast: test
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,35 @@
+"""coreunits: find the core units of a trained PyTorch classifier.
+
+For a class of interest, the core units of a layer are the smallest set of
+units (conv channels, neurons, input positions) that, kept on while every
+other unit is masked, keep the model's "this class / not this class"
+decisions. The method is that of "Interpreting Deep Classification Models
+With Bayesian Inference" (switch gates, an IBP prior with MAP asymptotics, a
+center-based binary classifier).
+
+Example:
+    >>> from coreunits import find_core_units
+    >>> result = find_core_units(model, "max1", target_class=0, data=dataset)
+    >>> result.units["max1"], result.holding_rate_strict
+"""
+
+from coreunits._core.cache import ActivationCache
+from coreunits._core.errors import CoreUnitsError, DataError, LayerNotFoundError, ModelOutputError
+from coreunits._core.evaluation import holding_rate, mask_units
+from coreunits._core.result import CoreUnits
+from coreunits._core.selection import find_core_units
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "find_core_units",
+    "holding_rate",
+    "mask_units",
+    "CoreUnits",
+    "ActivationCache",
+    "CoreUnitsError",
+    "DataError",
+    "LayerNotFoundError",
+    "ModelOutputError",
+    "__version__",
+]

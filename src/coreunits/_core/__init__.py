@@ -1,0 +1,1 @@
+"""Internal implementation of coreunits; import from :mod:`coreunits` instead."""

@@ -1,0 +1,366 @@
+"""Running a classifier with switch gates on chosen layers.
+
+The engine splits the model at the gated layers so the work before them
+(the *prefix*) is done once and cached, and each optimisation step only runs
+the *suffix*: the gated layers' outputs multiplied by the gates, then the rest
+of the network. The split is made with ``torch.fx``: the suffix graph takes
+the *frontier* (every value computed before the gates that the rest of the
+network reads: the gated layer's output, and e.g. a residual branch's
+identity) and the gates as inputs. Models that ``torch.fx`` cannot trace (data
+dependent control flow) fall back to forward hooks on the real modules, with
+the whole model run per step; both paths compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from coreunits._core.errors import LayerNotFoundError, ModelOutputError
+from coreunits._core.layers import INPUT, LayerSpec
+
+__all__ = ["GatedModel", "apply_gate", "check_scores", "OutputFn"]
+
+OutputFn = Callable[[Any], torch.Tensor]
+
+
+def apply_gate(x: torch.Tensor, gate: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
+    """Multiply ``x`` by ``gate`` along the spec's unit dims.
+
+    Args:
+        x: the layer output ``(N, ...)``.
+        gate: ``None`` (no gating), ``(K,)`` shared by the batch, or ``(N, K)``.
+        spec: the layer's unit layout.
+    """
+    assert spec.unit_dims is not None
+    return _gate_call(x, gate, spec.unit_dims, spec.unit_shape)
+
+
+def check_scores(out: Any, batch: int, output_fn: OutputFn | None) -> torch.Tensor:
+    """Validate model scores and return them as float32 ``(N, H)``."""
+    if output_fn is not None:
+        out = output_fn(out)
+    if not isinstance(out, torch.Tensor):
+        raise ModelOutputError(
+            f"the model returned a {type(out).__name__}, not a tensor of class scores; "
+            "pass output_fn=... to pick the logits (e.g. output_fn=lambda out: out['logits'])"
+        )
+    if out.dim() != 2 or out.shape[0] != batch or out.shape[1] < 2:
+        raise ModelOutputError(
+            f"the model's output has shape {tuple(out.shape)} for a batch of {batch}; coreunits needs "
+            "(N, num_classes) scores with at least 2 classes (pass output_fn=... to select or reshape them)"
+        )
+    if not out.is_floating_point():
+        raise ModelOutputError(f"the model's scores have dtype {out.dtype}; they must be floating point")
+    return out.float()
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces only the modules on the path to the gated layers.
+
+    Every other submodule stays a single call_module node, so its own
+    forward (with any Python-side state or control flow) runs for real at
+    each step instead of being frozen into the graph at trace time.
+    """
+
+    def __init__(self, gated: set[str]) -> None:
+        super().__init__()
+        self.gated = gated
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        name = module_qualified_name
+        if name in self.gated:
+            return True
+        if name == "" or any(g.startswith(name + ".") for g in self.gated):
+            return False
+        return True
+
+
+def _gate_call(
+    x: torch.Tensor, gate: torch.Tensor | None, unit_dims: tuple[int, ...], unit_shape: tuple[int, ...]
+) -> torch.Tensor:
+    # Also inserted into fx graphs as a call_function node, hence plain arguments.
+    if gate is None:
+        return x
+    shape = [gate.shape[0] if gate.dim() == 2 else 1] + [1] * (x.dim() - 1)
+    for d, size in zip(unit_dims, unit_shape):
+        shape[d] = size
+    return x * gate.reshape(shape).to(x.dtype)
+
+
+class GatedModel:
+    """A model with switch gates on some layers, split so its prefix can be cached.
+
+    Use inside :meth:`activated` (which adds and removes the hooks the hook path
+    needs). ``prefix(x)`` gives the frontier tensors for a batch of inputs,
+    ``suffix(frontier, gates)`` the class scores with the gates applied.
+
+    Args:
+        model: the classifier, already in the mode it should run in.
+        specs: the gated layers, as resolved by :func:`resolve_layers`.
+        output_fn: maps the model's output to ``(N, H)`` scores.
+        engine: ``"auto"`` (fx split, hooks when tracing fails), ``"fx"`` or ``"hooks"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: Sequence[LayerSpec],
+        output_fn: OutputFn | None = None,
+        engine: str = "auto",
+    ) -> None:
+        if engine not in ("auto", "fx", "hooks"):
+            raise ValueError(f"engine must be 'auto', 'fx' or 'hooks', got {engine!r}")
+        self.model = model
+        self.specs = list(specs)
+        self.output_fn = output_fn
+        self.requested_engine = engine
+        self.engine = "hooks"
+        self.fallback_reason: str | None = None
+        self._gates: list[torch.Tensor | None] = [None] * len(self.specs)
+        self._prefix_gm: fx.GraphModule | None = None
+        self._suffix_gm: fx.GraphModule | None = None
+        self._clone_frontier: list[bool] = []
+        self._depth = 0
+
+    # ------------------------------------------------------------------ set-up
+    def probe(self, x: torch.Tensor) -> torch.Tensor:
+        """Run one batch through the real model to learn each layer's output shape.
+
+        Checks that each gated module runs exactly once per forward and returns a
+        floating tensor, then builds the fx split. Returns the scores.
+        """
+        counts = [0] * len(self.specs)
+        shapes: list[tuple[int, ...] | None] = [None] * len(self.specs)
+        handles = []
+
+        def recorder(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+                counts[i] += 1
+                if not isinstance(out, torch.Tensor):
+                    raise LayerNotFoundError(
+                        f"layer {self.specs[i].name!r} returns a {type(out).__name__}, not a tensor; "
+                        "gate a submodule whose output is a single tensor"
+                    )
+                if not out.is_floating_point():
+                    raise LayerNotFoundError(
+                        f"layer {self.specs[i].name!r} outputs dtype {out.dtype}; gates need a floating output"
+                    )
+                shapes[i] = tuple(out.shape)
+
+            return hook
+
+        try:
+            for i, spec in enumerate(self.specs):
+                if spec.name == INPUT:
+                    counts[i], shapes[i] = 1, tuple(x.shape)
+                else:
+                    assert spec.module is not None
+                    handles.append(spec.module.register_forward_hook(recorder(i)))
+            with torch.no_grad():
+                try:
+                    out = self.model(x)
+                except LayerNotFoundError:
+                    raise
+                except Exception as err:
+                    raise ModelOutputError(
+                        f"the model failed on a batch of the data (input shape {tuple(x.shape)}, dtype {x.dtype}): "
+                        f"{type(err).__name__}: {err}. Check that the data yields inputs the model accepts."
+                    ) from err
+        finally:
+            for h in handles:
+                h.remove()
+        for spec, n, shape in zip(self.specs, counts, shapes):
+            if n == 0:
+                raise LayerNotFoundError(
+                    f"layer {spec.name!r} never runs in the model's forward pass, so gating it has no effect; "
+                    "pick a module that forward() calls"
+                )
+            if n > 1:
+                raise LayerNotFoundError(
+                    f"layer {spec.name!r} runs {n} times in one forward pass (a shared module), so its units "
+                    "are ambiguous; gate a module that runs once (e.g. the layer after it)"
+                )
+            assert shape is not None
+            spec.bind(shape)
+        scores = check_scores(out, x.shape[0], self.output_fn)
+        if self.requested_engine != "hooks":
+            try:
+                self._build_fx(x)
+                self.engine = "fx"
+            except Exception as err:  # any tracing failure: hooks are always correct
+                if self.requested_engine == "fx":
+                    raise
+                self.fallback_reason = f"{type(err).__name__}: {err}"
+                self._prefix_gm = self._suffix_gm = None
+        return scores
+
+    def _build_fx(self, x: torch.Tensor) -> None:
+        names = {s.name for s in self.specs if s.name != INPUT}
+        tracer = _LeafTracer(names)
+        graph = tracer.trace(self.model)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise RuntimeError("fx split needs a forward() with exactly one input")
+        gated: dict[fx.Node, int] = {}
+        for i, spec in enumerate(self.specs):
+            if spec.name == INPUT:
+                nodes = placeholders
+            else:
+                nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == spec.name]
+            if len(nodes) != 1:
+                raise RuntimeError(f"layer {spec.name} appears {len(nodes)} times in the traced graph")
+            gated[nodes[0]] = i
+
+        # Descendants of any gated node: recomputed every step.
+        desc: set[fx.Node] = set()
+        for node in graph.nodes:
+            if node in gated or any(a in desc for a in node.all_input_nodes):
+                desc.add(node)
+        roots = [g for g in gated if not any(a in desc for a in g.all_input_nodes)]
+        frontier: list[fx.Node] = []
+        for node in graph.nodes:
+            if node in desc and node.op != "output" and node not in roots:
+                for a in node.all_input_nodes:
+                    if a not in desc and a.op != "get_attr" and a not in frontier:
+                        frontier.append(a)
+            if node.op == "output":
+                for a in node.all_input_nodes:
+                    if a not in desc and a not in frontier:
+                        frontier.append(a)
+        for r in roots:
+            if r not in frontier:
+                frontier.append(r)
+
+        # Prefix: the original graph with the frontier as its output.
+        pre = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            if node.op == "output":
+                continue
+            env[node] = pre.node_copy(node, lambda n: env[n])
+        pre.output(tuple(env[f] for f in frontier))
+        prefix_gm = fx.GraphModule(self.model, pre)
+        prefix_gm.graph.eliminate_dead_code()
+        prefix_gm.recompile()
+
+        # Suffix: frontier + one gate per layer as inputs, the descendants copied.
+        suf = fx.Graph()
+        env = {}
+        front_in = {f: suf.placeholder(f"frontier_{k}") for k, f in enumerate(frontier)}
+        gate_in = [suf.placeholder(f"gate_{i}") for i in range(len(self.specs))]
+        for f, p in front_in.items():
+            env[f] = p
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if node in gated:
+                    env[node] = suf.call_function(
+                        _gate_call, (front_in[node], gate_in[gated[node]], *self._layout(gated[node]))
+                    )
+                continue
+            if node in gated and node in roots:
+                env[node] = suf.call_function(
+                    _gate_call, (front_in[node], gate_in[gated[node]], *self._layout(gated[node]))
+                )
+                continue
+            if node not in desc and node.op != "get_attr":
+                continue
+            if node.op == "get_attr":
+                env[node] = suf.node_copy(node, lambda n: env[n])
+                continue
+            copied = suf.node_copy(node, lambda n: env[n])
+            if node in gated:
+                copied = suf.call_function(_gate_call, (copied, gate_in[gated[node]], *self._layout(gated[node])))
+            env[node] = copied
+        suffix_gm = fx.GraphModule(self.model, suf)
+        suffix_gm.graph.eliminate_dead_code()
+        suffix_gm.recompile()
+
+        # The frontier must be per-example tensors, or it cannot be cached and sliced.
+        with torch.no_grad():
+            front = prefix_gm(x)
+            front = front if isinstance(front, tuple) else (front,)
+            for f in front:
+                if not isinstance(f, torch.Tensor) or f.dim() == 0 or f.shape[0] != x.shape[0]:
+                    raise RuntimeError("the fx frontier holds a value that is not a per-example tensor")
+            ref = self.model(x)
+            got = suffix_gm(*front, *([None] * len(self.specs)))
+        if not torch.equal(check_scores(ref, x.shape[0], self.output_fn), check_scores(got, x.shape[0], self.output_fn)):
+            raise RuntimeError("the fx split does not reproduce the model's scores exactly")
+        # A suffix op may modify a non-gated frontier tensor in place (e.g. `out += identity`
+        # reads identity but `identity += out` would write it): clone those per step so the
+        # cache is never corrupted. Gated ones are multiplied first, which makes a copy.
+        gated_front = {k for k, f in enumerate(frontier) if f in gated}
+        self._clone_frontier = [k not in gated_front for k in range(len(frontier))]
+        self._prefix_gm, self._suffix_gm = prefix_gm, suffix_gm
+
+    def _layout(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        spec = self.specs[i]
+        assert spec.unit_dims is not None
+        return spec.unit_dims, spec.unit_shape
+
+    # ----------------------------------------------------------------- running
+    @contextmanager
+    def activated(self) -> Iterator[GatedModel]:
+        """Add the gating hooks (hook path) for the duration of the block (re-entrant)."""
+        handles = []
+        entered = False
+        try:
+            if self._depth == 0 and self.engine == "hooks":
+                for i, spec in enumerate(self.specs):
+                    if spec.module is not None:
+                        handles.append(spec.module.register_forward_hook(self._hook(i)))
+            self._depth += 1
+            entered = True
+            yield self
+        finally:
+            if entered:
+                self._depth -= 1
+            for h in handles:
+                h.remove()
+
+    def _hook(self, i: int) -> Callable[..., torch.Tensor]:
+        spec = self.specs[i]
+
+        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+            return apply_gate(out, self._gates[i], spec)
+
+        return hook
+
+    def prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frontier tensors for a batch of inputs (computed without gradients)."""
+        if self._prefix_gm is None:
+            return (x,)
+        with torch.no_grad():
+            front = self._prefix_gm(x)
+        return front if isinstance(front, tuple) else (front,)
+
+    def suffix(self, frontier: Sequence[torch.Tensor], gates: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Scores ``(N, H)`` (float32) of the gated model from cached frontier tensors."""
+        if self._depth == 0:
+            raise RuntimeError("GatedModel.suffix must run inside GatedModel.activated()")
+        batch = frontier[0].shape[0]
+        if self._suffix_gm is not None:
+            front = [f.clone() if c else f for f, c in zip(frontier, self._clone_frontier)]
+            out = self._suffix_gm(*front, *gates)
+        else:
+            x = frontier[0]
+            self._gates = list(gates)
+            for i, spec in enumerate(self.specs):
+                if spec.name == INPUT:
+                    x = apply_gate(x, gates[i], spec)
+            try:
+                out = self.model(x)
+            finally:
+                self._gates = [None] * len(self.specs)
+        return check_scores(out, batch, self.output_fn)
+
+
+def slice_frontier(frontier: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """Rows ``index`` of every frontier tensor."""
+    return [f.index_select(0, index.to(f.device)) for f in frontier]
+

@@ -1,0 +1,56 @@
+"""The Switch Gate layer: one gate ``b_i = sigmoid(w * x_i)`` per unit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SwitchGate"]
+
+# Logistic noise is drawn from U(eps, 1 - eps) to keep log() finite.
+_EPS = 1e-6
+
+
+class SwitchGate(nn.Module):
+    """Gates for the units of one layer, ``b = sigmoid(w * x)`` with fixed ``w > 0``.
+
+    The paper relaxes the binary gate to ``sigmoid(w * x)`` and rounds at 0.5.
+    Used deterministically, that relaxation collapses: the center classifier
+    divides by the scores' spread, so shrinking every gate together barely
+    changes the loss and alpha drives all gates to 0 (measured: no unit kept,
+    holding 50%). During optimisation coreunits therefore *samples* each gate
+    from the relaxed Bernoulli (concrete) distribution whose probability is
+    that same ``b``: ``sigmoid((w * x + logistic noise) / temperature)``. A unit
+    whose gate is 0.7 is then really off 30% of the time, so the data term
+    sees what dropping it costs. The penalties act on ``b`` as in the paper.
+
+    Args:
+        num_units: number of units (gates).
+        w: the fixed slope ``w > 0`` of the paper's ``sigmoid(w * x)``.
+        init: initial gate value ``b`` (all units start nearly on).
+    """
+
+    def __init__(self, num_units: int, w: float = 1.0, init: float = 0.95) -> None:
+        super().__init__()
+        if w <= 0:
+            raise ValueError(f"the gate slope w must be > 0, got {w}")
+        if not 0.0 < init < 1.0:
+            raise ValueError(f"the initial gate value must be in (0, 1), got {init}")
+        self.w = float(w)
+        logit = torch.logit(torch.tensor(float(init)))
+        self.x = nn.Parameter(torch.full((num_units,), float(logit) / self.w))
+
+    def probs(self) -> torch.Tensor:
+        """Gate values ``b = sigmoid(w * x)``."""
+        return torch.sigmoid(self.w * self.x)
+
+    def sample(self, batch: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Relaxed-Bernoulli gates ``(batch, K)``, differentiable in ``x``."""
+        u = torch.rand((batch, self.x.numel()), generator=generator, device=self.x.device)
+        u = u.clamp(_EPS, 1.0 - _EPS)
+        noise = torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid((self.w * self.x + noise) / temperature)
+
+    def hard(self) -> torch.Tensor:
+        """Rounded gates: True where ``b >= 0.5`` (i.e. ``x >= 0``)."""
+        return (self.x.detach() >= 0)
