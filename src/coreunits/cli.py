@@ -62,6 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     coef = coefficients("mnist", [args.layer])
     alpha = args.alpha if args.alpha is not None else coef["alpha"]
     lam = args.lam if args.lam is not None else coef["lam"]
+    epochs = int(coef["epochs"])
     print(f"model: paper's MNIST classifier ({ckpt})")
     print(f"data:  {source}")
     print(f"layer: {args.layer}   alpha={alpha:g} lam={lam:g} seed={args.seed}")
@@ -72,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'class':>5}  {'units kept':>10}  {'holding (paper)':>15}  {'holding (strict)':>16}  {'D_c':>6}  units")
     results = []
     for c in classes:
-        r = find_core_units(model, args.layer, c, cache, alpha=alpha, lam=lam, seed=args.seed,
+        r = find_core_units(model, args.layer, c, cache, alpha=alpha, lam=lam, epochs=epochs, seed=args.seed,
                             progress=not args.no_progress)
         results.append(r.to_dict())
         n, total = r.num_units[args.layer], r.total_units[args.layer]
@@ -108,7 +109,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         model, args.layer if len(args.layer) > 1 else args.layer[0], args.target_class, data,
         alpha=args.alpha if args.alpha is not None else coef["alpha"],
         lam=args.lam if args.lam is not None else coef["lam"],
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
+        batch_size=args.batch_size, seed=args.seed,
         positives_only=args.positives_only, progress=not args.no_progress,
     )
     print(f"data: {source}")
@@ -186,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--lam", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="default: the paper setting for the layer")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--positives-only", action="store_true", help="D'_c from positives only (paper: input layer)")

@@ -29,7 +29,9 @@ from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import INPUT, LayerArg, LayerSpec, resolve_layers
 from coreunits._core.objective import center_margin, center_score, refit_w_b, strict_decision
 
-__all__ = ["HoldingRates", "holding_rate", "mask_units", "masked_scores", "evaluate_gates", "gates_from_masks"]
+__all__ = [
+    "HoldingRates", "holding_rate", "mask_units", "masked_scores", "evaluate_gates", "gates_from_masks", "removal_curve",
+]
 
 MaskArg = Mapping[LayerArg, Any]
 
@@ -228,3 +230,46 @@ def mask_units(model: nn.Module, masks: MaskArg) -> Iterator[nn.Module]:
         for h in handles:
             h.remove()
 
+
+
+def removal_curve(
+    cache: ActivationCache,
+    rows: torch.Tensor,
+    layer: str,
+    gate_values: torch.Tensor,
+    target_class: int,
+    ks: Sequence[int] | None = None,
+    batch_size: int = 1024,
+) -> list[dict[str, float]]:
+    """Holding rate versus units kept, masking units from the smallest gate value up.
+
+    The paper's Fig. 6: keep the ``k`` units with the largest gate values, for
+    each ``k`` in ``ks`` (default: every k from all units down to 0).
+
+    Args:
+        cache: decisions and activations (built for ``layer``, possibly with others).
+        rows: cache rows to judge on (D'_c).
+        layer: the layer whose units are masked; other cached layers stay on.
+        gate_values: the gates of that layer (any shape; flattened).
+        target_class: class c.
+        ks: numbers of kept units to evaluate.
+
+    Returns:
+        One record per k: ``{"units": k, "holding_rate": paper, "holding_rate_strict": strict}``.
+    """
+    names = [s.name for s in cache.specs]
+    if layer not in names:
+        raise LayerNotFoundError(f"layer {layer!r} is not in the cache (it has {names})")
+    pos = names.index(layer)
+    order = torch.argsort(gate_values.flatten(), descending=True, stable=True)
+    total = order.numel()
+    ks = list(range(total, -1, -1)) if ks is None else list(ks)
+    out = []
+    for k in ks:
+        mask = torch.zeros(total, device=cache.device)
+        mask[order[:k].to(cache.device)] = 1.0
+        gates: list[torch.Tensor | None] = [None] * len(names)
+        gates[pos] = mask
+        r = evaluate_gates(cache, rows, gates, target_class, batch_size=batch_size)
+        out.append({"units": k, "holding_rate": r.paper, "holding_rate_strict": r.strict})
+    return out

@@ -55,7 +55,7 @@ def selection_loss(
     y_hat: torch.Tensor,
     labels: torch.Tensor,
     gate_probs: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mini-batch estimate of the paper's objective divided by |D'_c|.
@@ -64,14 +64,14 @@ def selection_loss(
         y_hat: binary scores of the batch.
         labels: y' of the batch (1 = the model predicts c).
         gate_probs: all gate values b (every gated layer, concatenated).
-        alpha: cost of one unit (paper's alpha / |D'_c|).
+        alpha: cost of one unit (paper's alpha / |D'_c|); a tensor gives each gate its own.
         lam: weight of the phi penalty (paper's lambda / |D'_c|), already ramped.
 
     Returns:
         (loss to minimise, the squared-error part as a mean per example).
     """
     sq = ((labels - y_hat) ** 2).mean()
-    loss = sq + alpha * gate_probs.sum() + lam * phi(gate_probs).sum()
+    loss = sq + (alpha * gate_probs).sum() + lam * phi(gate_probs).sum()
     return loss, sq
 
 

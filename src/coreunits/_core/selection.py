@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -102,7 +102,7 @@ def find_core_units(
     target_class: int,
     data: Any,
     *,
-    alpha: float = DEFAULTS["alpha"],
+    alpha: float | Mapping[str, float] = DEFAULTS["alpha"],
     lam: float = DEFAULTS["lam"],
     epochs: int = DEFAULTS["epochs"],
     batch_size: int = DEFAULTS["batch_size"],
@@ -140,7 +140,8 @@ def find_core_units(
             an :class:`ActivationCache` built for these layers (fastest when
             selecting many classes/runs).
         alpha: cost of one unit: the share of D'_c's squared error a unit must
-            remove to be kept (paper's alpha divided by |D'_c|).
+            remove to be kept (paper's alpha divided by |D'_c|). A dict
+            ``{layer: alpha}`` prices each layer's units separately.
         lam: weight of the relaxation penalty phi (ramped in over the second half).
         epochs: passes over D'_c (at least ``min_steps`` steps are taken).
         batch_size: mini-batch size.
@@ -172,7 +173,8 @@ def find_core_units(
         ModelOutputError: the model's output is not ``(N, classes)`` scores.
     """
     t0 = time.perf_counter()
-    if alpha < 0 or lam < 0:
+    alphas = dict(alpha) if isinstance(alpha, Mapping) else None
+    if lam < 0 or any(a < 0 for a in (alphas.values() if alphas else [alpha])):  # type: ignore[operator]
         raise ValueError(f"alpha and lam must be >= 0, got alpha={alpha}, lam={lam}")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
@@ -188,6 +190,15 @@ def find_core_units(
     total_steps = max(epochs * steps_per_epoch, min_steps)
 
     specs = cache.specs
+    if alphas is not None:
+        missing = [s.name for s in specs if s.name not in alphas]
+        if missing or set(alphas) - {s.name for s in specs}:
+            raise ValueError(f"alpha dict must give exactly the layers {[s.name for s in specs]}, got {list(alphas)}")
+        alpha_vec: float | torch.Tensor = torch.cat(
+            [torch.full((s.num_units,), float(alphas[s.name]), device=dev) for s in specs]
+        )
+    else:
+        alpha_vec = float(alpha)  # type: ignore[arg-type]
     gates = [SwitchGate(s.num_units, gate_slope, init_gate).to(dev) for s in specs]
     learn_wb = dprime.num_negative > 0
     log_wb = torch.tensor(math.log(w_b_init), device=dev, requires_grad=learn_wb)
@@ -218,7 +229,7 @@ def find_core_units(
                 y_hat = center_score(center_margin(scores, target_class), log_wb.exp())
                 probs = torch.cat([g.probs() for g in gates])
                 lam_t = lam * _lambda_ramp(step, total_steps)
-                loss, sq = selection_loss(y_hat, labels.index_select(0, batch.to(dev)), probs, alpha, lam_t)
+                loss, sq = selection_loss(y_hat, labels.index_select(0, batch.to(dev)), probs, alpha_vec, lam_t)
                 grads = torch.autograd.grad(loss, params)
                 for p, g in zip(params, grads):
                     p.grad = g
@@ -268,7 +279,7 @@ def find_core_units(
         gate_vals[spec.name] = g.probs().detach().cpu().reshape(spec.unit_shape)
         masks[spec.name] = h.cpu().reshape(spec.unit_shape)
     settings = {
-        "alpha": alpha, "lam": lam, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "alpha": alphas if alphas is not None else alpha, "lam": lam, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "temperature": temperature, "gate_slope": gate_slope, "init_gate": init_gate,
         "w_b_init": w_b_init, "min_steps": min_steps, "patience": patience,
         "positives_only": positives_only, "steps_run": len(history) and history[-1]["step"],

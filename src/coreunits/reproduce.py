@@ -1,0 +1,237 @@
+"""``coreunits reproduce mnist``: the paper's MNIST experiments as one resumable command.
+
+Plan -> per-(experiment, layer, class, run) work items, each saved as JSON the
+moment it finishes (atomically) under ``<out>/runs/``; a rerun skips what is
+done and redoes entries that are corrupt or were made with other settings.
+Then everything is gathered into ``results.json``, CSVs, figures and
+``report.md`` (see :mod:`coreunits.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coreunits._core.cache import ActivationCache
+from coreunits._core.dprime import build_dprime
+from coreunits._core.evaluation import evaluate_gates, removal_curve
+from coreunits._core.result import atomic_write_text
+from coreunits._core.selection import DEFAULTS, find_core_units
+from coreunits.paper import coefficients
+
+__all__ = ["Work", "plan_mnist", "run", "run_mnist"]
+
+RANDOM_SUBSETS = 10
+FIG4_RUNS = 5
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit of work of a reproduction, saved as ``runs/<key>.json``."""
+
+    experiment: str  # "table1", "table2", "fig5"
+    layers: tuple[str, ...]
+    target_class: int
+    run: int
+    positives_only: bool = False
+    random_subsets: bool = False  # also evaluate random unit subsets of the selected size
+    curve: bool = False  # also compute the holding-rate-vs-units curve (Fig. 6)
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}_{'+'.join(self.layers)}_c{self.target_class}_r{self.run}"
+
+    @property
+    def seed(self) -> int:
+        # Run r of every experiment uses seed r - 1: a fresh D'_c draw and permutation per run.
+        return self.run - 1
+
+
+def plan_mnist(quick: bool, runs: int) -> list[Work]:
+    """The work items of the MNIST reproduction (Tables 1-2, Figs. 4-6)."""
+    classes = [0, 1] if quick else list(range(10))
+    t1_runs = 1 if quick else max(runs, FIG4_RUNS)
+    works: list[Work] = []
+    for layer in ("max1", "max2"):
+        for c in classes:
+            for r in range(1, t1_runs + 1):
+                works.append(Work("table1", (layer,), c, r, random_subsets=r == 1,
+                                  curve=(layer == "max1" and c == 0 and r == 1)))
+    for c in ([0] if quick else [0, 1, 8]):
+        for r in range(1, (1 if quick else runs) + 1):
+            works.append(Work("table2", ("max1", "max2"), c, r))
+    for c in classes:
+        works.append(Work("fig5", ("input",), c, 1, positives_only=True))
+    return works
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_done(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """A finished record, or None when missing, corrupt or made with other settings."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint or "holding_rate" not in record:
+        return None
+    return record
+
+
+def _random_subset_rates(cache: ActivationCache, rows: torch.Tensor, k: int, total: int, c: int,
+                         seed: int) -> list[dict[str, float]]:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    out = []
+    for _ in range(RANDOM_SUBSETS):
+        mask = torch.zeros(total, device=cache.device)
+        mask[torch.randperm(total, generator=g)[:k].to(cache.device)] = 1.0
+        r = evaluate_gates(cache, rows, [mask], c)
+        out.append({"holding_rate": r.paper, "holding_rate_strict": r.strict})
+    return out
+
+
+def _do(work: Work, model: torch.nn.Module, cache: ActivationCache, model_name: str,
+        fingerprint: str) -> dict[str, Any]:
+    coef = coefficients(model_name, list(work.layers))
+    layers = list(work.layers) if len(work.layers) > 1 else work.layers[0]
+    res = find_core_units(model, layers, work.target_class, cache, seed=work.seed, progress=False,
+                          positives_only=work.positives_only, **coef)
+    record: dict[str, Any] = {"key": work.key, "fingerprint": fingerprint, "work": asdict(work)}
+    record.update(res.to_dict())
+    t0 = time.perf_counter()
+    if work.random_subsets or work.curve:
+        layer = work.layers[0]
+        gen = torch.Generator().manual_seed(work.seed)
+        rows = build_dprime(cache.predictions, work.target_class, generator=gen,
+                            positives_only=work.positives_only).index
+        if work.random_subsets:
+            record["random_subsets"] = _random_subset_rates(
+                cache, rows, res.num_units[layer], res.total_units[layer], work.target_class, work.seed)
+        if work.curve:
+            k = res.num_units[layer]
+            ks = list(range(min(res.total_units[layer], k + 6), -1, -1))
+            record["curve"] = removal_curve(cache, rows, layer, res.gates[layer], work.target_class, ks)
+    record["evaluation_seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _groups(works: list[Work]) -> Iterator[tuple[tuple[str, ...], list[Work]]]:
+    order: dict[tuple[str, ...], list[Work]] = {}
+    for w in works:
+        order.setdefault(w.layers, []).append(w)
+    yield from order.items()
+
+
+def run_mnist(
+    out: Path,
+    data_root: str | None = None,
+    checkpoint: str | None = None,
+    runs: int = 3,
+    quick: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the MNIST reproduction and write its report into ``out``.
+
+    Args:
+        out: output folder.
+        data_root: MNIST root (default ``$COREUNITS_DATA`` or a download; ``quick``
+            also accepts the bundled sample).
+        checkpoint: the paper's classifier (default: the bundled checkpoint).
+        runs: optimisations per (layer, class) for Tables 1 and 2 (Fig. 4 uses 5).
+        quick: classes 0 and 1, one run, D'_c from the test split: a smoke test.
+        progress: progress bars.
+
+    Returns:
+        The gathered results (also written to ``out/results.json``).
+    """
+    from tqdm.auto import tqdm
+
+    from coreunits import __version__
+    from coreunits.cli import default_checkpoint
+    from coreunits.data import get_mnist
+    from coreunits.report import write_report
+    from coreunits.train import load_model, read_metadata
+
+    t_start = time.perf_counter()
+    ckpt = Path(checkpoint) if checkpoint else default_checkpoint("mnist")
+    model = load_model(ckpt, "mnist")
+    # The paper optimises on the training data; --quick uses the (smaller) test split.
+    data, source = get_mnist(data_root, train=not quick, allow_sample=quick)
+    if quick and len(data) > 3000:
+        data = torch.utils.data.TensorDataset(*(t[:3000] for t in data.tensors))
+        source += ", first 3000"
+    settings = {
+        "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16],
+        "data": source.split(" from ")[0].split(" (")[0] + f" n={len(data)}",
+        "coefficients": {k: coefficients("mnist", [k]) for k in ("max1", "max2", "input")},
+        "quick": quick,
+        # Results made by another version or other selection defaults are redone.
+        "version": __version__,
+        "defaults": DEFAULTS,
+    }
+    fingerprint = _fingerprint(settings)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    works = plan_mnist(quick, runs)
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for w in works:
+        done = _load_done(runs_dir / f"{w.key}.json", fingerprint)
+        if done is not None:
+            records[w.key] = done
+        else:
+            todo.append(w)
+    cache_seconds = 0.0
+    bar = tqdm(total=len(works), initial=len(works) - len(todo), desc="reproduce mnist", unit="run",
+               disable=not progress)
+    try:
+        for layers, group in _groups(todo):
+            t0 = time.perf_counter()
+            cache = ActivationCache(model, list(layers), data, batch_size=1000, progress=progress)
+            cache_seconds += time.perf_counter() - t0
+            for w in group:
+                bar.set_postfix_str(w.key)
+                record = _do(w, model, cache, "mnist", fingerprint)
+                atomic_write_text(runs_dir / f"{w.key}.json", json.dumps(record))
+                records[w.key] = record
+                bar.update(1)
+            del cache
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    timing_path = out / "timing.json"
+    try:
+        timing = json.loads(timing_path.read_text())
+    except (OSError, ValueError):
+        timing = {"invocations": []}
+    timing["invocations"].append({
+        "wall_seconds": wall, "cache_seconds": cache_seconds, "runs_computed": len(todo),
+        "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    atomic_write_text(timing_path, json.dumps(timing, indent=1))
+    meta = read_metadata(ckpt)
+    results = write_report(
+        out, [records[w.key] for w in works], settings=settings, source=source, timing=timing,
+        classifier={"checkpoint": ckpt.name, "test_accuracy": meta.get("test_accuracy"),
+                    "epochs": meta.get("epochs"), "seed": meta.get("seed")},
+        runs=1 if quick else runs, quick=quick,
+    )
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry for ``coreunits reproduce``."""
+    out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if args.quick else ""))
+    run_mnist(out, args.data_root, args.checkpoint, args.runs, args.quick, progress=not args.no_progress)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and CSV/PNG files")
+    return 0
