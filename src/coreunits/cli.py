@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce the paper's tables and figures with a report",
                        description=cmd_reproduce.__doc__)
     _add_common(p)
-    p.add_argument("dataset", choices=["mnist"])
+    p.add_argument("dataset", choices=["mnist", "cifar10"])
     p.add_argument("--out", default=None, help="output folder (default: results/<dataset>)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--runs", type=int, default=3, help="optimisations per (layer, class)")

@@ -1,4 +1,4 @@
-"""``coreunits reproduce mnist``: the paper's MNIST experiments as one resumable command.
+"""``coreunits reproduce mnist|cifar10``: the paper's experiments as one resumable command.
 
 Plan -> per-(experiment, layer, class, run) work items, each saved as JSON the
 moment it finishes (atomically) under ``<out>/runs/``; a rerun skips what is
@@ -27,7 +27,7 @@ from coreunits._core.result import atomic_write_text
 from coreunits._core.selection import DEFAULTS, find_core_units
 from coreunits.paper import coefficients
 
-__all__ = ["Work", "plan_mnist", "run", "run_mnist"]
+__all__ = ["Work", "plan", "plan_mnist", "run", "run_dataset", "run_mnist"]
 
 RANDOM_SUBSETS = 10
 FIG4_RUNS = 5
@@ -55,22 +55,36 @@ class Work:
         return self.run - 1
 
 
-def plan_mnist(quick: bool, runs: int) -> list[Work]:
-    """The work items of the MNIST reproduction (Tables 1-2, Figs. 4-6)."""
+def plan(dataset: str, quick: bool, runs: int) -> list[Work]:
+    """The work items of a reproduction.
+
+    MNIST: Table 1 (max1, max2 x 10 classes), Table 2 (both layers, classes
+    0, 1, 8), Fig. 4 (5 runs), Fig. 5 (input layer), Fig. 6a (class 0, max1).
+    CIFAR-10: Table 3, Table 4 (classes airplane, automobile, bird), Fig. 4-style
+    positions, Fig. 6b (airplane, max1). The paper shows no pixel map for CIFAR-10.
+    """
+    single, double = ("table1", "table2") if dataset == "mnist" else ("table3", "table4")
     classes = [0, 1] if quick else list(range(10))
     t1_runs = 1 if quick else max(runs, FIG4_RUNS)
     works: list[Work] = []
     for layer in ("max1", "max2"):
         for c in classes:
             for r in range(1, t1_runs + 1):
-                works.append(Work("table1", (layer,), c, r, random_subsets=r == 1,
+                works.append(Work(single, (layer,), c, r, random_subsets=r == 1,
                                   curve=(layer == "max1" and c == 0 and r == 1)))
-    for c in ([0] if quick else [0, 1, 8]):
+    pair_classes = [0, 1, 8] if dataset == "mnist" else [0, 1, 2]
+    for c in ([0] if quick else pair_classes):
         for r in range(1, (1 if quick else runs) + 1):
-            works.append(Work("table2", ("max1", "max2"), c, r))
-    for c in classes:
-        works.append(Work("fig5", ("input",), c, 1, positives_only=True))
+            works.append(Work(double, ("max1", "max2"), c, r))
+    if dataset == "mnist":
+        for c in classes:
+            works.append(Work("fig5", ("input",), c, 1, positives_only=True))
     return works
+
+
+def plan_mnist(quick: bool, runs: int) -> list[Work]:
+    """The MNIST work items (see :func:`plan`)."""
+    return plan("mnist", quick, runs)
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -132,6 +146,20 @@ def _groups(works: list[Work]) -> Iterator[tuple[tuple[str, ...], list[Work]]]:
     yield from order.items()
 
 
+def _cifar10_data(data_root: str | None, quick: bool) -> tuple[Any, str]:
+    from coreunits.data import load_cifar10, resolve_data_root
+    from coreunits.train import cifar10_eval_transform
+
+    root = resolve_data_root(data_root)
+    if root is None:
+        raise FileNotFoundError("CIFAR-10 needs --data-root or $COREUNITS_DATA (it is not downloaded)")
+    # The paper optimises on the training images, centrally cropped as for evaluation.
+    raw = load_cifar10(root, train=not quick, limit=2000 if quick else None, progress=False)
+    images = torch.cat([cifar10_eval_transform(x) for x in raw.tensors[0].split(5000)])
+    split = "test" if quick else "train"
+    return torch.utils.data.TensorDataset(images, raw.tensors[1]), f"CIFAR-10 {split} ({len(images)}) from {root}"
+
+
 def run_mnist(
     out: Path,
     data_root: str | None = None,
@@ -140,15 +168,28 @@ def run_mnist(
     quick: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) the MNIST reproduction and write its report into ``out``.
+    """Run (or resume) the MNIST reproduction and write its report into ``out`` (see :func:`run_dataset`)."""
+    return run_dataset("mnist", out, data_root, checkpoint, runs, quick, progress)
+
+
+def run_dataset(
+    dataset: str,
+    out: Path,
+    data_root: str | None = None,
+    checkpoint: str | None = None,
+    runs: int = 3,
+    quick: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the reproduction of ``dataset`` ("mnist" or "cifar10") into ``out``.
 
     Args:
         out: output folder.
-        data_root: MNIST root (default ``$COREUNITS_DATA`` or a download; ``quick``
-            also accepts the bundled sample).
+        data_root: data root (default ``$COREUNITS_DATA``; MNIST is downloaded when
+            possible and ``quick`` also accepts the bundled sample).
         checkpoint: the paper's classifier (default: the bundled checkpoint).
         runs: optimisations per (layer, class) for Tables 1 and 2 (Fig. 4 uses 5).
-        quick: classes 0 and 1, one run, D'_c from the test split: a smoke test.
+        quick: classes 0 and 1, one run, D'_c from (part of) the test split: a smoke test.
         progress: progress bars.
 
     Returns:
@@ -163,17 +204,20 @@ def run_mnist(
     from coreunits.train import load_model, read_metadata
 
     t_start = time.perf_counter()
-    ckpt = Path(checkpoint) if checkpoint else default_checkpoint("mnist")
-    model = load_model(ckpt, "mnist")
+    ckpt = Path(checkpoint) if checkpoint else default_checkpoint(dataset)
+    model = load_model(ckpt, dataset)
     # The paper optimises on the training data; --quick uses the (smaller) test split.
-    data, source = get_mnist(data_root, train=not quick, allow_sample=quick)
-    if quick and len(data) > 3000:
-        data = torch.utils.data.TensorDataset(*(t[:3000] for t in data.tensors))
-        source += ", first 3000"
+    if dataset == "mnist":
+        data, source = get_mnist(data_root, train=not quick, allow_sample=quick)
+        if quick and len(data) > 3000:
+            data = torch.utils.data.TensorDataset(*(t[:3000] for t in data.tensors))
+            source += ", first 3000"
+    else:
+        data, source = _cifar10_data(data_root, quick)
     settings = {
         "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16],
         "data": source.split(" from ")[0].split(" (")[0] + f" n={len(data)}",
-        "coefficients": {k: coefficients("mnist", [k]) for k in ("max1", "max2", "input")},
+        "coefficients": {k: coefficients(dataset, [k]) for k in ("max1", "max2", "input")},
         "quick": quick,
         # Results made by another version or other selection defaults are redone.
         "version": __version__,
@@ -182,7 +226,7 @@ def run_mnist(
     fingerprint = _fingerprint(settings)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    works = plan_mnist(quick, runs)
+    works = plan(dataset, quick, runs)
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for w in works:
@@ -192,7 +236,7 @@ def run_mnist(
         else:
             todo.append(w)
     cache_seconds = 0.0
-    bar = tqdm(total=len(works), initial=len(works) - len(todo), desc="reproduce mnist", unit="run",
+    bar = tqdm(total=len(works), initial=len(works) - len(todo), desc=f"reproduce {dataset}", unit="run",
                disable=not progress)
     try:
         for layers, group in _groups(todo):
@@ -201,7 +245,7 @@ def run_mnist(
             cache_seconds += time.perf_counter() - t0
             for w in group:
                 bar.set_postfix_str(w.key)
-                record = _do(w, model, cache, "mnist", fingerprint)
+                record = _do(w, model, cache, dataset, fingerprint)
                 atomic_write_text(runs_dir / f"{w.key}.json", json.dumps(record))
                 records[w.key] = record
                 bar.update(1)
@@ -221,7 +265,7 @@ def run_mnist(
     atomic_write_text(timing_path, json.dumps(timing, indent=1))
     meta = read_metadata(ckpt)
     results = write_report(
-        out, [records[w.key] for w in works], settings=settings, source=source, timing=timing,
+        out, [records[w.key] for w in works], dataset=dataset, settings=settings, source=source, timing=timing,
         classifier={"checkpoint": ckpt.name, "test_accuracy": meta.get("test_accuracy"),
                     "epochs": meta.get("epochs"), "seed": meta.get("seed")},
         runs=1 if quick else runs, quick=quick,
@@ -232,6 +276,7 @@ def run_mnist(
 def run(args: argparse.Namespace) -> int:
     """CLI entry for ``coreunits reproduce``."""
     out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if args.quick else ""))
-    run_mnist(out, args.data_root, args.checkpoint, args.runs, args.quick, progress=not args.no_progress)
+    run_dataset(args.dataset, out, args.data_root, args.checkpoint, args.runs, args.quick,
+                progress=not args.no_progress)
     print(f"wrote {out / 'report.md'}, {out / 'results.json'} and CSV/PNG files")
     return 0

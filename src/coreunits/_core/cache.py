@@ -142,6 +142,8 @@ class ActivationCache:
             if first is None:
                 raise DataError("data is empty: it yielded no inputs; pass a Dataset or DataLoader with inputs")
             self.gated.probe(first.to(self.device))
+            # A few real inputs, kept for building further splits of the model later.
+            self.sample_inputs = first[:64].detach().to(self.device).clone()
             with self.gated.activated():
                 for x in itertools.chain([first], batches):
                     x = x.to(self.device)

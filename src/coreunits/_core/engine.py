@@ -85,7 +85,10 @@ def _gate_call(
 ) -> torch.Tensor:
     # Also inserted into fx graphs as a call_function node, hence plain arguments.
     if gate is None:
-        return x
+        # A copy even without a gate: x may be a cached frontier tensor, and an
+        # in-place op after the layer (ReLU(inplace=True), `out += identity`)
+        # would otherwise write into the cache.
+        return x.clone()
     shape = [gate.shape[0] if gate.dim() == 2 else 1] + [1] * (x.dim() - 1)
     for d, size in zip(unit_dims, unit_shape):
         shape[d] = size

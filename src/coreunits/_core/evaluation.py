@@ -54,7 +54,7 @@ def masked_scores(
 ) -> torch.Tensor:
     """Scores of the model with fixed gates on the given cached rows."""
     out = []
-    with preserved_model_state(cache.model), cache.gated.activated(), torch.no_grad():
+    with preserved_model_state(cache.model), cache.gated.activated(), torch.inference_mode():
         for chunk in rows.split(batch_size):
             out.append(cache.gated.suffix(cache.frontier_rows(chunk), gates))
     return torch.cat(out) if out else torch.zeros(0, cache.num_classes, device=cache.device)
@@ -82,12 +82,21 @@ def evaluate_gates(
         raise DataError("cannot compute a holding rate on zero inputs")
     scores = masked_scores(cache, rows, gates, batch_size)
     original = cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
+    return _holding_rates(scores, original, target_class, w_b)
+
+
+def _holding_rates(scores: torch.Tensor, original: torch.Tensor, target_class: int,
+                   w_b: float | None) -> HoldingRates:
     strict = float((strict_decision(scores, target_class) == original).float().mean())
     margin = center_margin(scores, target_class)
     wb = refit_w_b(margin, original.float()) if w_b is None else float(w_b)
-    paper_dec = center_score(margin, wb) >= 0.5
-    paper = float((paper_dec == original).float().mean())
-    return HoldingRates(strict, paper, wb, int(rows.numel()))
+    paper = float(((center_score(margin, wb) >= 0.5) == original).float().mean())
+    return HoldingRates(strict, paper, wb, int(original.numel()))
+
+
+def _rates_of(scores: torch.Tensor, original: torch.Tensor, target_class: int) -> dict[str, float]:
+    r = _holding_rates(scores, original, target_class, None)
+    return {"holding_rate": r.paper, "holding_rate_strict": r.strict}
 
 
 def _mask_tensor(mask: Any, spec: LayerSpec) -> torch.Tensor:
@@ -240,6 +249,7 @@ def removal_curve(
     target_class: int,
     ks: Sequence[int] | None = None,
     batch_size: int = 1024,
+    incremental: bool = True,
 ) -> list[dict[str, float]]:
     """Holding rate versus units kept, masking units from the smallest gate value up.
 
@@ -253,6 +263,8 @@ def removal_curve(
         gate_values: the gates of that layer (any shape; flattened).
         target_class: class c.
         ks: numbers of kept units to evaluate.
+        incremental: drop units incrementally through the next linear layer when
+            the structure allows (exact up to float rounding; see ``_core.incremental``).
 
     Returns:
         One record per k: ``{"units": k, "holding_rate": paper, "holding_rate_strict": strict}``.
@@ -265,11 +277,21 @@ def removal_curve(
     total = order.numel()
     ks = list(range(total, -1, -1)) if ks is None else list(ks)
     out = []
+    if incremental and len(names) == 1:
+        from coreunits._core.incremental import build_incremental
+
+        inc = build_incremental(cache, layer)
+        if inc is not None:
+            original = cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
+            for k, scores in sorted(inc.scores(rows, order, ks, batch_size).items(), reverse=True):
+                out.append(_rates_of(scores, original, target_class) | {"units": k})
+            return sorted(out, key=lambda r: ks.index(r["units"]))
     for k in ks:
         mask = torch.zeros(total, device=cache.device)
         mask[order[:k].to(cache.device)] = 1.0
         gates: list[torch.Tensor | None] = [None] * len(names)
         gates[pos] = mask
-        r = evaluate_gates(cache, rows, gates, target_class, batch_size=batch_size)
-        out.append({"units": k, "holding_rate": r.paper, "holding_rate_strict": r.strict})
+        scores = masked_scores(cache, rows, gates, batch_size)
+        original = cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
+        out.append({"units": k} | _rates_of(scores, original, target_class))
     return out

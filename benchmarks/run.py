@@ -1,0 +1,147 @@
+"""Side-by-side speed benchmark of the selection engine on the paper's MNIST classifier.
+
+Times, in one process, the variants of issue 5 and prints a table plus one
+JSON line per measurement. Absolute seconds vary between machines; the ratios
+(to the fast path, and to the *floor* = one forward pass of the network after
+the gated layer over the same D'_c) are what to compare.
+
+    python benchmarks/run.py --data-root ../shared/data --threads 2 [--out benchmarks/RESULTS.md]
+
+Variants:
+- fast: the default path (prefix cached once per layer and reused across classes,
+  no gradients through frozen weights, inference mode for evaluation, early stop).
+- naive: the whole model forward per step through hooks, no cache, no early stop.
+- budget: the fast engine with a cache budget below what caching needs (the
+  prefix is recomputed per batch): it must complete.
+- curve: holding rate for every k (masking units by increasing gate value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coreunits import ActivationCache, find_core_units
+from coreunits._core.dprime import build_dprime
+from coreunits._core.evaluation import masked_scores, removal_curve
+from coreunits.cli import default_checkpoint
+from coreunits.data import get_mnist
+from coreunits.paper import coefficients
+from coreunits.train import load_model
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def floor_seconds(cache: ActivationCache, rows: torch.Tensor, repeats: int = 3) -> float:
+    """Median time of one gated-suffix forward pass (all gates on) over ``rows``."""
+    ones = [torch.ones(s.num_units) for s in cache.specs]
+    return statistics.median(_timed(lambda: masked_scores(cache, rows, ones))[1] for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--classes", type=int, nargs="*", default=[0, 1, 8], help="classes timed per layer")
+    p.add_argument("--naive-classes", type=int, nargs="*", default=[0], help="classes timed on the naive path")
+    p.add_argument("--workload-runs", type=int, default=3, help="runs per class in the Table 1 workload")
+    p.add_argument("--skip-workload", action="store_true")
+    p.add_argument("--out", default=None, help="also write a markdown table here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(default_checkpoint("mnist"), "mnist")
+    data, source = get_mnist(args.data_root, train=True, allow_sample=False)
+    rows_out: list[dict[str, Any]] = []
+
+    def emit(rec: dict[str, Any]) -> None:
+        rows_out.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    workload_fast = 0.0
+    naive_per_selection: list[float] = []
+    fast_per_selection: list[float] = []
+    for layer in ("max1", "max2"):
+        coef = coefficients("mnist", [layer])
+        cache, t_cache = _timed(lambda: ActivationCache(model, layer, data, batch_size=1000))
+        per_ex = cache.per_example_frontier_bytes()
+        emit({"layer": layer, "variant": "cache", "seconds": t_cache, "cache_bytes": cache.frontier_bytes(),
+              "bytes_per_input": per_ex, "inputs": len(cache)})
+        workload_fast += t_cache * 0  # counted inside the workload below
+        for c in args.classes:
+            rows = build_dprime(cache.predictions, c, generator=torch.Generator().manual_seed(0)).index
+            floor = floor_seconds(cache, rows)
+            res, t_fast = _timed(lambda: find_core_units(model, layer, c, cache, seed=0, progress=False, **coef))
+            fast_per_selection.append(t_fast)
+            emit({"layer": layer, "class": c, "variant": "fast", "seconds": t_fast, "floor_seconds": floor,
+                  "ratio_to_floor": t_fast / floor, "ratio_to_fast": 1.0, "units": res.num_units[layer],
+                  "holding_rate": res.holding_rate, "steps": res.settings["steps_run"], "dprime": len(rows)})
+            if c in args.naive_classes:
+                naive, t_naive = _timed(lambda: find_core_units(
+                    model, layer, c, data, seed=0, progress=False, engine="hooks", patience=10**9, **coef))
+                naive_per_selection.append(t_naive)
+                emit({"layer": layer, "class": c, "variant": "naive", "seconds": t_naive, "floor_seconds": floor,
+                      "ratio_to_floor": t_naive / floor, "ratio_to_fast": t_naive / t_fast,
+                      "units": naive.num_units[layer], "holding_rate": naive.holding_rate,
+                      "same_units_as_fast": naive.units == res.units, "steps": naive.settings["steps_run"]})
+                small = ActivationCache(model, layer, data, batch_size=1000, cache_budget=per_ex * 100)
+                b, t_budget = _timed(lambda: find_core_units(model, layer, c, small, seed=0, progress=False, **coef))
+                emit({"layer": layer, "class": c, "variant": "budget", "cache_budget": per_ex * 100,
+                      "cached": small.cached, "seconds": t_budget, "floor_seconds": floor,
+                      "ratio_to_floor": t_budget / floor, "ratio_to_fast": t_budget / t_fast,
+                      "same_units_as_fast": b.units == res.units})
+                del small
+                curve, t_curve = _timed(lambda: removal_curve(cache, rows, layer, res.gates[layer], c))
+                emit({"layer": layer, "class": c, "variant": "curve", "points": len(curve), "seconds": t_curve,
+                      "floor_seconds": floor, "ratio_to_floor": t_curve / floor})
+        del cache
+
+    if not args.skip_workload:
+        t0 = time.perf_counter()
+        n = 0
+        for layer in ("max1", "max2"):
+            coef = coefficients("mnist", [layer])
+            cache = ActivationCache(model, layer, data, batch_size=1000)
+            for c in range(10):
+                for r in range(args.workload_runs):
+                    find_core_units(model, layer, c, cache, seed=r, progress=False, **coef)
+                    n += 1
+            del cache
+        workload_fast = time.perf_counter() - t0
+        naive_extrapolated = statistics.mean(naive_per_selection) * n if naive_per_selection else float("nan")
+        emit({"variant": "table1_workload", "selections": n, "seconds": workload_fast,
+              "naive_extrapolated_seconds": naive_extrapolated,
+              "speedup_vs_naive": naive_extrapolated / workload_fast})
+
+    if args.out:
+        lines = [
+            "# Benchmark results", "",
+            f"`python benchmarks/run.py --threads {args.threads}` on {source}; "
+            f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}.", "",
+            "| layer | class | variant | seconds | floor s | ratio to floor | ratio to fast | notes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows_out:
+            notes = {k: v for k, v in r.items() if k not in
+                     ("layer", "class", "variant", "seconds", "floor_seconds", "ratio_to_floor", "ratio_to_fast")}
+            lines.append(
+                f"| {r.get('layer', '')} | {r.get('class', '')} | {r['variant']} | {r['seconds']:.2f} | "
+                f"{r.get('floor_seconds', float('nan')):.2f} | {r.get('ratio_to_floor', float('nan')):.2f} | "
+                f"{r.get('ratio_to_fast', float('nan')):.2f} | {json.dumps(notes)} |")
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Small but structurally faithful models, built by hand with plain ``torch.nn``.
+
+torchvision is not a dependency, so ``resnet18`` copies torchvision's ResNet-18
+(module names, in-place ReLUs, ``out += identity``, ``downsample`` branches,
+initialisation) line for line. The others cover the shapes coreunits must
+handle on real models: an integer-indexed VGG ``features`` Sequential, a
+tabular MLP, dict and tuple outputs, and a forward with data-dependent Python
+control flow that ``torch.fx`` cannot trace.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BasicBlock",
+    "ResNet",
+    "resnet18",
+    "spread_classes",
+    "image_data",
+    "vgg_small",
+    "tabular_mlp",
+    "tabular_data",
+    "DictOutputNet",
+    "TupleOutputNet",
+    "ControlFlowNet",
+    "BranchyHead",
+    "LeafControlFlowNet",
+]
+
+
+# --------------------------------------------------------------------------- ResNet-18
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding (torchvision's ``conv3x3``)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution (torchvision's ``conv1x1``)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: one ReLU module used twice, in-place residual add."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+class ResNet(nn.Module):
+    """torchvision's ``ResNet`` (BasicBlock variant), same names and initialisation."""
+
+    def __init__(self, layers: list[int], num_classes: int = 1000, width: int = 64) -> None:
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(8 * width, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * BasicBlock.expansion, stride),
+                nn.BatchNorm2d(planes * BasicBlock.expansion),
+            )
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * BasicBlock.expansion
+        for _ in range(1, blocks):
+            layers.append(BasicBlock(self.inplanes, planes))
+        return nn.Sequential(*layers)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward_impl(x)
+
+
+def resnet18(num_classes: int = 10, width: int = 64, seed: int = 0) -> ResNet:
+    """ResNet-18 exactly as torchvision builds it (random init, seeded)."""
+    torch.manual_seed(seed)
+    return ResNet([2, 2, 2, 2], num_classes=num_classes, width=width)
+
+
+@torch.no_grad()
+def spread_classes(model: nn.Module, x: Tensor, head: nn.Linear, output_fn=None) -> None:  # type: ignore[no-untyped-def]
+    """Set ``head.bias`` so the (eval-mode) model predicts several classes on ``x``.
+
+    A randomly initialised network tends to predict one class for every input;
+    centring each class's logit on its median spreads the argmax over classes.
+    The model's training flag is restored afterwards.
+    """
+    was = model.training
+    model.eval()
+    try:
+        out = model(x)
+        logits = output_fn(out) if output_fn is not None else out
+        head.bias -= logits.median(dim=0).values
+    finally:
+        model.train(was)
+
+
+def image_data(n: int = 256, channels: int = 3, size: int = 32, seed: int = 1) -> Tensor:
+    """Random images ``(n, channels, size, size)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, size, size, generator=g)
+
+
+# --------------------------------------------------------------------------- VGG
+def vgg_small(num_classes: int = 5, in_channels: int = 3, seed: int = 0) -> nn.Module:
+    """A VGG-style net: ``features`` (conv/BN/ReLU(inplace)/MaxPool, integer names) and ``classifier``.
+
+    For a 3x16x16 input: ``features.3`` is the first MaxPool, ``features.10`` the
+    ReLU after the third conv block's BatchNorm (16 channels at 4x4),
+    ``classifier.1`` the hidden ReLU (32 features).
+    """
+    torch.manual_seed(seed)
+
+    class VGG(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            cfg = [8, "M", 16, "M", 16, 16, "M"]
+            layers: list[nn.Module] = []
+            c = in_channels
+            for v in cfg:
+                if v == "M":
+                    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                else:
+                    layers += [nn.Conv2d(c, int(v), kernel_size=3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                    c = int(v)
+            self.features = nn.Sequential(*layers)
+            self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+            self.classifier = nn.Sequential(
+                nn.Linear(c * 4, 32), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(32, num_classes)
+            )
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.features(x)
+            x = self.avgpool(x)
+            x = torch.flatten(x, 1)
+            return self.classifier(x)
+
+    return VGG()
+
+
+# --------------------------------------------------------------------------- tabular MLP
+def tabular_mlp(in_features: int = 20, num_classes: int = 4, seed: int = 0) -> nn.Module:
+    """MLP 20 -> 64 -> 32 -> 4 in ``net`` (``net.0`` Linear, ``net.1`` ReLU, ``net.2`` Linear, ...)."""
+    torch.manual_seed(seed)
+
+    class TabularMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Linear(in_features, 64),
+                nn.ReLU(),
+                nn.Linear(64, 32),
+                nn.ReLU(),
+                nn.Linear(32, num_classes),
+            )
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+    return TabularMLP()
+
+
+def tabular_data(n: int = 400, in_features: int = 20, seed: int = 1) -> Tensor:
+    """Standardised-looking tabular rows ``(n, in_features)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, in_features, generator=g)
+
+
+# --------------------------------------------------------------------------- structured outputs
+class _SmallConvBody(nn.Module):
+    def __init__(self, in_channels: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.pool(self.relu(self.conv(x))), 1)
+
+
+class DictOutputNet(nn.Module):
+    """Returns ``{"logits": (N, C), "aux": (N, 2)}`` (e.g. a multi-task head)."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = _SmallConvBody(3, width)
+        self.hidden = nn.Linear(width, 16)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(16, num_classes)
+        self.aux_head = nn.Linear(width, 2)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.body(x)
+        return {"logits": self.head(self.act(self.hidden(f))), "aux": self.aux_head(f)}
+
+
+class TupleOutputNet(nn.Module):
+    """Returns ``(logits, features)`` (features = the pooled conv features)."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = _SmallConvBody(3, width)
+        self.hidden = nn.Linear(width, 16)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.body(x)
+        return self.head(self.act(self.hidden(f))), f
+
+
+# --------------------------------------------------------------------------- control flow
+class ControlFlowNet(nn.Module):
+    """Data-dependent Python control flow in ``forward``: ``torch.fx`` cannot trace it.
+
+    Each input takes its own branch (by the sign of its mean), in a Python loop
+    over the batch, so the scores of one input never depend on the rest of the
+    batch. fx fails both on iterating over a traced tensor and on ``bool()`` of one.
+    """
+
+    def __init__(self, in_features: int = 12, hidden: int = 16, num_classes: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.fc1(x))
+        rows = []
+        for xi, hi in zip(x, h):
+            if xi.mean() > 0:  # data-dependent branch, per input
+                rows.append(hi * 2.0)
+            else:
+                rows.append(hi - 0.5)
+        return self.fc2(torch.stack(rows))
+
+
+class BranchyHead(nn.Module):
+    """A head whose forward branches on its input's values, element by element (a Python loop)."""
+
+    def __init__(self, hidden: int = 16, num_classes: int = 3) -> None:
+        super().__init__()
+        self.lin = nn.Linear(hidden, num_classes)
+
+    def forward(self, h: Tensor) -> Tensor:
+        rows = []
+        for row in h:
+            rows.append(row * 2.0 if bool(row.detach().sum() > 1.0) else row)
+        return self.lin(torch.stack(rows))
+
+
+class LeafControlFlowNet(nn.Module):
+    """Untraceable control flow only in a submodule *after* the gated layer.
+
+    coreunits' tracer keeps modules off the path to the gated layers as leaves,
+    so fx should still split this model and run ``head``'s real forward each step.
+    """
+
+    def __init__(self, in_features: int = 12, hidden: int = 16, num_classes: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU()
+        self.head = BranchyHead(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.fc1(x)))

@@ -1,0 +1,48 @@
+"""`coreunits reproduce mnist --quick` end to end on real MNIST, with resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, shared_data_or_skip
+from coreunits.cli import main
+
+
+@pytest.mark.slow
+def test_reproduce_mnist_quick_end_to_end_and_resume(tmp_path: Path) -> None:
+    if not (REPO / "checkpoints" / "mnist_cnn.pt").is_file():
+        pytest.skip("bundled MNIST checkpoint missing")
+    root = shared_data_or_skip()
+    out = tmp_path / "mnist-quick"
+    args = ["reproduce", "mnist", "--quick", "--data-root", str(root), "--out", str(out), "--no-progress",
+            "--threads", "2"]
+    assert main(args) == 0
+    for name in ("report.md", "results.json", "table1.csv", "table2.csv", "random_subsets.csv", "fig6a.csv",
+                 "fig4_max1.png", "fig4_max2.png", "fig5.png", "fig6a.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    t1 = results["table1"]
+    assert {(r["layer"], r["class"]) for r in t1} == {("max1", 0), ("max1", 1), ("max2", 0), ("max2", 1)}
+    for r in t1:
+        assert 0.9 <= r["holding_rate_strict"] <= 1.0 and 0.9 <= r["holding_rate"] <= 1.0
+        assert r["num_units"] == len(r["units"]) and r["run"] == 1
+    assert set(results["table2"][0]["num_units"]) == {"max1", "max2"}
+    assert results["classifier"]["test_accuracy"] >= 0.99
+    report = (out / "report.md").read_text()
+    assert "| class | run | paper holding % | paper units | ours holding % (paper)" in report
+    assert "![Fig. 6a](fig6a.png)" in report
+
+    # Rerun: everything is resumed, nothing recomputed.
+    assert main(args) == 0
+    timing = json.loads((out / "timing.json").read_text())
+    assert [i["runs_computed"] for i in timing["invocations"]] == [9, 0]
+
+    # A corrupt record (an interrupted write elsewhere) is detected and redone.
+    victim = out / "runs" / "fig5_input_c1_r1.json"
+    victim.write_text(victim.read_text()[:100])
+    assert main(args) == 0
+    assert json.loads((out / "timing.json").read_text())["invocations"][-1]["runs_computed"] == 1
+    assert json.loads(victim.read_text())["key"] == "fig5_input_c1_r1"
