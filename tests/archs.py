@@ -20,6 +20,8 @@ __all__ = [
     "spread_classes",
     "image_data",
     "vgg_small",
+    "InvertedResidual",
+    "mobilenet_v2_small",
     "tabular_mlp",
     "tabular_data",
     "DictOutputNet",
@@ -198,6 +200,81 @@ def vgg_small(num_classes: int = 5, in_channels: int = 3, seed: int = 0) -> nn.M
             return self.classifier(x)
 
     return VGG()
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+def conv_bn_act(cin: int, cout: int, stride: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU6) -> nn.Sequential:
+    """torchvision's ``Conv2dNormActivation``: ``0`` conv, ``1`` BatchNorm, ``2`` in-place activation."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3 if groups > 1 or stride > 1 or cin == 3 else 1, stride,
+                  1 if groups > 1 or stride > 1 or cin == 3 else 0, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        act(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: expand (1x1), depthwise (3x3), project (1x1, linear) in ``conv``."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, act: type[nn.Module] = nn.ReLU6) -> None:
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(conv_bn_act(inp, hidden, act=act))
+        layers += [
+            conv_bn_act(hidden, hidden, stride=stride, groups=hidden, act=act),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+def mobilenet_v2_small(num_classes: int = 5, act: type[nn.Module] = nn.ReLU6, seed: int = 0) -> nn.Module:
+    """A narrow MobileNetV2 (torchvision's names and block structure; ``act=nn.SiLU`` for an EfficientNet-like net).
+
+    Every BatchNorm but the projections' is followed by an in-place activation,
+    e.g. ``features.2.conv.0.1`` (BN, 24 channels) -> ``features.2.conv.0.2`` (ReLU6).
+    ``features.3`` is a residual block (``x + self.conv(x)``).
+    """
+    torch.manual_seed(seed)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            settings = [(1, 8, 1, 1), (3, 12, 2, 2), (3, 16, 2, 2)]  # t, c, n, s
+            cin = 8
+            feats: list[nn.Module] = [conv_bn_act(3, cin, stride=2, act=act)]
+            for t, c, n, s in settings:
+                for i in range(n):
+                    feats.append(InvertedResidual(cin, c, s if i == 0 else 1, t, act=act))
+                    cin = c
+            feats.append(conv_bn_act(cin, 64, act=act))
+            self.features = nn.Sequential(*feats)
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, num_classes))
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0, 0.01)
+                    nn.init.zeros_(m.bias)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.features(x)
+            x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+            x = torch.flatten(x, 1)
+            return self.classifier(x)
+
+    return MobileNetV2()
 
 
 # --------------------------------------------------------------------------- tabular MLP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
-    # CI has 2 cores; keep runs comparable and avoid oversubscription.
-    torch.set_num_threads(2)
+    # CI has 2 cores: 2 threads, unless OMP_NUM_THREADS says otherwise (on a loaded
+    # machine 2 spinning OpenMP threads per process run many times slower).
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(n) if n.isdigit() and int(n) > 0 else 2)
 
 
 @pytest.fixture()

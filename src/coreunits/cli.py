@@ -156,6 +156,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, default=None, help="cost of a unit (default: the paper setting)")
+    p.add_argument("--lam", type=float, default=None, help="phi penalty weight (default: the paper setting)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``coreunits`` command."""
     parser = argparse.ArgumentParser(
@@ -171,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="max1", help="layer to explain (default: max1)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="MNIST split used for D'_c")
     p.add_argument("--classes", type=int, nargs="*", default=None, help="classes (default: all)")
-    p.add_argument("--alpha", type=float, default=None, help="cost of a unit (default: the paper setting)")
-    p.add_argument("--lam", type=float, default=None, help="phi penalty weight (default: the paper setting)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_selection(p)
     p.add_argument("--offline", action="store_true", help="do not try to download MNIST")
     p.add_argument("--out", default=None, help="also write every result as JSON here")
     p.set_defaults(func=cmd_demo)
@@ -186,11 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer name (repeat for simultaneous selection; 'input' for pixels)")
     p.add_argument("--class", dest="target_class", type=int, required=True, help="class of interest")
     p.add_argument("--split", choices=["train", "test"], default="train")
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--lam", type=float, default=None)
+    _add_selection(p)
     p.add_argument("--epochs", type=int, default=None, help="default: the paper setting for the layer")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--positives-only", action="store_true", help="D'_c from positives only (paper: input layer)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_find)

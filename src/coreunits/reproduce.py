@@ -27,7 +27,7 @@ from coreunits._core.result import atomic_write_text
 from coreunits._core.selection import DEFAULTS, find_core_units
 from coreunits.paper import coefficients
 
-__all__ = ["Work", "plan", "plan_mnist", "run", "run_dataset", "run_mnist"]
+__all__ = ["Work", "plan", "run", "run_dataset"]
 
 RANDOM_SUBSETS = 10
 FIG4_RUNS = 5
@@ -80,11 +80,6 @@ def plan(dataset: str, quick: bool, runs: int) -> list[Work]:
         for c in classes:
             works.append(Work("fig5", ("input",), c, 1, positives_only=True))
     return works
-
-
-def plan_mnist(quick: bool, runs: int) -> list[Work]:
-    """The MNIST work items (see :func:`plan`)."""
-    return plan("mnist", quick, runs)
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -158,18 +153,6 @@ def _cifar10_data(data_root: str | None, quick: bool) -> tuple[Any, str]:
     images = torch.cat([cifar10_eval_transform(x) for x in raw.tensors[0].split(5000)])
     split = "test" if quick else "train"
     return torch.utils.data.TensorDataset(images, raw.tensors[1]), f"CIFAR-10 {split} ({len(images)}) from {root}"
-
-
-def run_mnist(
-    out: Path,
-    data_root: str | None = None,
-    checkpoint: str | None = None,
-    runs: int = 3,
-    quick: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run (or resume) the MNIST reproduction and write its report into ``out`` (see :func:`run_dataset`)."""
-    return run_dataset("mnist", out, data_root, checkpoint, runs, quick, progress)
 
 
 def run_dataset(

@@ -146,7 +146,7 @@ class ActivationCache:
             self.sample_inputs = first[:64].detach().to(self.device).clone()
             with self.gated.activated():
                 for x in itertools.chain([first], batches):
-                    x = x.to(self.device)
+                    x = x.to(self.device).detach()
                     front = self.gated.prefix(x)
                     with torch.no_grad():
                         s = self.gated.suffix(front, [None] * len(self.specs))
@@ -156,7 +156,7 @@ class ActivationCache:
                             "(normalisation, NaNs) and the model's weights"
                         )
                     scores.append(s)
-                    inputs.append(x.detach())
+                    inputs.append(x)
                     if keep_front and self.gated.engine == "fx":
                         fronts.append([f.detach() for f in front])
                         if total is not None and len(fronts) == 1:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from coreunits._core.errors import LayerNotFoundError, ModelOutputError
+from coreunits._core.errors import CoreUnitsError, LayerNotFoundError, ModelOutputError
 from coreunits._core.layers import INPUT, LayerSpec
 
 __all__ = ["GatedModel", "apply_gate", "check_scores", "OutputFn"]
@@ -166,7 +166,7 @@ class GatedModel:
                     handles.append(spec.module.register_forward_hook(recorder(i)))
             with torch.no_grad():
                 try:
-                    out = self.model(x)
+                    out = self.model(x.clone())  # a forward may modify its input in place
                 except LayerNotFoundError:
                     raise
                 except Exception as err:
@@ -197,7 +197,10 @@ class GatedModel:
                 self.engine = "fx"
             except Exception as err:  # any tracing failure: hooks are always correct
                 if self.requested_engine == "fx":
-                    raise
+                    raise CoreUnitsError(
+                        f"engine='fx' was requested but torch.fx cannot split this model "
+                        f"({type(err).__name__}: {err}); use engine='auto' (falls back to hooks) or 'hooks'"
+                    ) from err
                 self.fallback_reason = f"{type(err).__name__}: {err}"
                 self._prefix_gm = self._suffix_gm = None
         return scores
@@ -285,12 +288,12 @@ class GatedModel:
 
         # The frontier must be per-example tensors, or it cannot be cached and sliced.
         with torch.no_grad():
-            front = prefix_gm(x)
+            front = prefix_gm(x.clone())
             front = front if isinstance(front, tuple) else (front,)
             for f in front:
                 if not isinstance(f, torch.Tensor) or f.dim() == 0 or f.shape[0] != x.shape[0]:
                     raise RuntimeError("the fx frontier holds a value that is not a per-example tensor")
-            ref = self.model(x)
+            ref = self.model(x.clone())
             got = suffix_gm(*front, *([None] * len(self.specs)))
         if not torch.equal(check_scores(ref, x.shape[0], self.output_fn), check_scores(got, x.shape[0], self.output_fn)):
             raise RuntimeError("the fx split does not reproduce the model's scores exactly")
@@ -339,7 +342,7 @@ class GatedModel:
         if self._prefix_gm is None:
             return (x,)
         with torch.no_grad():
-            front = self._prefix_gm(x)
+            front = self._prefix_gm(x.clone())  # the caller may keep x
         return front if isinstance(front, tuple) else (front,)
 
     def suffix(self, frontier: Sequence[torch.Tensor], gates: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -351,7 +354,7 @@ class GatedModel:
             front = [f.clone() if c else f for f, c in zip(frontier, self._clone_frontier)]
             out = self._suffix_gm(*front, *gates)
         else:
-            x = frontier[0]
+            x = frontier[0].clone()  # the cached input: the forward may modify it in place
             self._gates = list(gates)
             for i, spec in enumerate(self.specs):
                 if spec.name == INPUT:

@@ -25,9 +25,10 @@ Where this departs from the paper's text, and why (each measured):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,6 +97,18 @@ def _as_cache(
     )
 
 
+def _grad_enabled(fn: Callable[..., CoreUnits]) -> Callable[..., CoreUnits]:
+    # The gates are optimised by autograd even when the caller runs under
+    # torch.no_grad() or torch.inference_mode() (common around interpretation code).
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> CoreUnits:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_grad_enabled
 def find_core_units(
     model: nn.Module,
     layers: LayerArg | Sequence[LayerArg],
