@@ -137,7 +137,7 @@ class ActivationCache:
             pass
         bar = tqdm(total=total, desc="caching activations", unit="input", disable=not progress, leave=False)
         batches = (x for x in iter_input_batches(data, batch_size) if x.dim() > 0 and x.shape[0] > 0)
-        with preserved_model_state(self.model):
+        with bar, preserved_model_state(self.model):
             first = next(batches, None)
             if first is None:
                 raise DataError("data is empty: it yielded no inputs; pass a Dataset or DataLoader with inputs")
@@ -165,7 +165,6 @@ class ActivationCache:
                             if not keep_front:
                                 fronts = []
                     bar.update(x.shape[0])
-        bar.close()
         self.scores = torch.cat(scores)
         self.predictions = self.scores.argmax(dim=1)
         self.num_classes = int(self.scores.shape[1])
