@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -210,3 +212,36 @@ def test_dataloader_with_labels_and_stale_cache(planted) -> None:
         model.feat.bias.add_(0.0)  # an in-place write bumps the version: cache is stale
     with pytest.raises(DataError, match="changed since"):
         find_core_units(model, "feat", 0, cache, progress=False)
+
+
+def _entry_points(x: torch.Tensor) -> dict[str, Any]:
+    """Every public entry point that runs the model, as a call on (model)."""
+    on = {"feat": torch.ones(8, dtype=torch.bool)}
+
+    def masked_forward(m: nn.Module) -> None:
+        with mask_units(m, on):
+            m(x)
+
+    return {
+        "find_core_units": lambda m: find_core_units(m, "feat", 0, x, progress=False),
+        "find_core_units_input": lambda m: find_core_units(m, "input", 0, x, progress=False, positives_only=True),
+        "holding_rate": lambda m: holding_rate(m, on, 0, x),
+        "ActivationCache": lambda m: ActivationCache(m, "feat", x),
+        "mask_units": masked_forward,
+    }
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("entry", list(_entry_points(torch.zeros(1)).keys()))
+def test_every_entry_point_leaves_model_intact_when_the_model_fails(entry: str, exc: type[BaseException]) -> None:
+    body = PlantedNet()
+    x = planted_data(body)
+    # The second model call fails (mid-pass for the selection entry points); mask_units calls it once.
+    failing = FailAfter(1 if entry == "mask_units" else 2, exc)
+    body.relu = nn.Sequential(nn.ReLU(inplace=True), failing)
+    _prepare_user_state(body)
+    before = model_state(body)
+    failing.calls = 0
+    with pytest.raises(exc):
+        _entry_points(x)[entry](body)
+    assert_same_state(before, model_state(body))
