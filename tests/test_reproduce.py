@@ -46,3 +46,22 @@ def test_reproduce_mnist_quick_end_to_end_and_resume(tmp_path: Path) -> None:
     assert main(args) == 0
     assert json.loads((out / "timing.json").read_text())["invocations"][-1]["runs_computed"] == 1
     assert json.loads(victim.read_text())["key"] == "fig5_input_c1_r1"
+
+
+@pytest.mark.slow
+def test_reproduce_cifar10_quick_end_to_end(tmp_path: Path) -> None:
+    if not (REPO / "checkpoints" / "cifar10_cnn.pt").is_file():
+        pytest.skip("CIFAR-10 checkpoint not committed yet")
+    root = shared_data_or_skip()
+    if not (root / "cifar10-jpeg" / "test").is_dir():
+        pytest.skip("CIFAR-10 JPEGs missing")
+    out = tmp_path / "cifar-quick"
+    assert main(["reproduce", "cifar10", "--quick", "--data-root", str(root), "--out", str(out),
+                 "--no-progress", "--threads", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["layer"], r["class"]) for r in results["table3"]} == {("max1", 0), ("max1", 1), ("max2", 0),
+                                                                    ("max2", 1)}
+    assert set(results["table4"][0]["num_units"]) == {"max1", "max2"}
+    assert results["fig6b"]["num_units"] == results["table3"][0]["num_units"]
+    report = (out / "report.md").read_text()
+    assert "Table 3(a): max1 (64 units)" in report and "| airplane | 1 |" in report
