@@ -81,8 +81,13 @@ def evaluate_gates(
     if rows.numel() == 0:
         raise DataError("cannot compute a holding rate on zero inputs")
     scores = masked_scores(cache, rows, gates, batch_size)
-    original = cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
+    original = _original_decisions(cache, rows, target_class)
     return _holding_rates(scores, original, target_class, w_b)
+
+
+def _original_decisions(cache: ActivationCache, rows: torch.Tensor, target_class: int) -> torch.Tensor:
+    """The unmasked model's binary decision (predicts c) for the given cache rows."""
+    return cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
 
 
 def _holding_rates(scores: torch.Tensor, original: torch.Tensor, target_class: int,
@@ -277,12 +282,12 @@ def removal_curve(
     total = order.numel()
     ks = list(range(total, -1, -1)) if ks is None else list(ks)
     out = []
+    original = _original_decisions(cache, rows, target_class)
     if incremental and len(names) == 1:
         from coreunits._core.incremental import build_incremental
 
         inc = build_incremental(cache, layer)
         if inc is not None:
-            original = cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
             for k, scores in sorted(inc.scores(rows, order, ks, batch_size).items(), reverse=True):
                 out.append(_rates_of(scores, original, target_class) | {"units": k})
             return sorted(out, key=lambda r: ks.index(r["units"]))
@@ -292,6 +297,5 @@ def removal_curve(
         gates: list[torch.Tensor | None] = [None] * len(names)
         gates[pos] = mask
         scores = masked_scores(cache, rows, gates, batch_size)
-        original = cache.predictions.index_select(0, rows.to(cache.predictions.device)) == target_class
         out.append({"units": k} | _rates_of(scores, original, target_class))
     return out
