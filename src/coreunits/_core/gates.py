@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["SwitchGate"]
+__all__ = ["SwitchGate", "HardConcreteGate"]
 
 # Logistic noise is drawn from U(eps, 1 - eps) to keep log() finite.
 _EPS = 1e-6
@@ -54,3 +56,52 @@ class SwitchGate(nn.Module):
     def hard(self) -> torch.Tensor:
         """Rounded gates: True where ``b >= 0.5`` (i.e. ``x >= 0``)."""
         return (self.x.detach() >= 0)
+
+
+class HardConcreteGate(nn.Module):
+    """L0 gates with the hard-concrete relaxation (Louizos, Welling & Kingma, 2018).
+
+    An alternative to the paper's ``sigmoid`` + phi penalty: each gate is a
+    stretched, clipped concrete variable ``z = clamp(s * (zeta - gamma) + gamma, 0, 1)``
+    with ``s = sigmoid((logit(u) + log_alpha) / beta)``, so it is exactly 0 or 1
+    with positive probability and needs no penalty pushing it to the ends.
+    :meth:`probs` is ``P(z != 0)``, the expected L0 norm's summand, which the
+    unit cost alpha multiplies. Same interface as :class:`SwitchGate`.
+
+    Args:
+        num_units: number of units (gates).
+        init: initial ``P(z != 0)`` of every gate.
+        beta: temperature of the concrete distribution (Louizos et al.: 2/3).
+        gamma: lower stretch limit (< 0).
+        zeta: upper stretch limit (> 1).
+    """
+
+    def __init__(self, num_units: int, init: float = 0.95, beta: float = 2.0 / 3.0,
+                 gamma: float = -0.1, zeta: float = 1.1) -> None:
+        super().__init__()
+        if not 0.0 < init < 1.0:
+            raise ValueError(f"the initial gate value must be in (0, 1), got {init}")
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        self._shift = self.beta * math.log(-self.gamma / self.zeta)
+        # P(z != 0) = sigmoid(log_alpha - shift): start every gate at ``init``.
+        start = float(torch.logit(torch.tensor(float(init)))) + self._shift
+        self.x = nn.Parameter(torch.full((num_units,), start))
+
+    def probs(self) -> torch.Tensor:
+        """``P(z != 0)`` per gate (differentiable in ``log_alpha = x``)."""
+        return torch.sigmoid(self.x - self._shift)
+
+    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def sample(self, batch: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Hard-concrete gates ``(batch, K)``; ``temperature`` is ignored (``beta`` is used)."""
+        del temperature
+        u = torch.rand((batch, self.x.numel()), generator=generator, device=self.x.device)
+        u = u.clamp(_EPS, 1.0 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.x) / self.beta)
+        return self._stretch(s)
+
+    def hard(self) -> torch.Tensor:
+        """The test-time gate ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``, rounded at 0.5."""
+        return self._stretch(torch.sigmoid(self.x.detach())) >= 0.5

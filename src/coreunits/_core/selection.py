@@ -39,7 +39,7 @@ from coreunits._core.dprime import build_dprime, check_class
 from coreunits._core.engine import OutputFn
 from coreunits._core.errors import DataError
 from coreunits._core.evaluation import evaluate_gates
-from coreunits._core.gates import SwitchGate
+from coreunits._core.gates import HardConcreteGate, SwitchGate
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import LayerArg, resolve_layers
 from coreunits._core.objective import center_margin, center_score, selection_loss
@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _PROBE_ROWS = 2048
+_RELAXATIONS = {"switch", "hard_concrete"}
+#: Target mode divides alpha (and lam) by this after a run that misses the target.
+_ALPHA_STEP = 3.0
 
 
 def _lambda_ramp(step: int, total: int) -> float:
@@ -133,6 +136,10 @@ def find_core_units(
     output_fn: OutputFn | None = None,
     unit_dim: int | Sequence[int] | None = None,
     engine: str = "auto",
+    relaxation: str = "switch",
+    target_holding_rate: float | None = None,
+    reading: str = "strict",
+    calibration_runs: int = 4,
 ) -> CoreUnits:
     """Find the core units of ``model`` for ``target_class`` in ``layers``.
 
@@ -176,6 +183,19 @@ def find_core_units(
             outputs, features of 2-D ones, positions of the input).
         engine: ``"auto"`` (cached prefix via torch.fx, hooks if untraceable),
             ``"fx"`` or ``"hooks"`` (full forward per step).
+        relaxation: ``"switch"`` (the paper's ``sigmoid(w x)`` gates + phi penalty,
+            sampled as concrete variables) or ``"hard_concrete"`` (L0 gates of
+            Louizos et al. 2018; phi is not used).
+        target_holding_rate: target mode: instead of reporting whatever the
+            coefficients give, find the smallest unit set whose hard-mask holding
+            rate on D'_c reaches this value. alpha is lowered automatically while
+            the rounded mask misses the target (``alpha`` is the first try), then
+            the mask is refined (add back the most useful unit while the target is
+            missed, drop units lowest gate first while it holds). Before/after
+            figures are in ``settings["target"]``.
+        reading: the holding-rate reading the target is judged in: ``"strict"``
+            (argmax decision unchanged) or ``"paper"`` (center classifier).
+        calibration_runs: most optimisations target mode runs.
 
     Returns:
         A :class:`CoreUnits` with units, gates, masks and both holding rates on D'_c.
@@ -191,8 +211,23 @@ def find_core_units(
         raise ValueError(f"alpha and lam must be >= 0, got alpha={alpha}, lam={lam}")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
+    if relaxation not in _RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {sorted(_RELAXATIONS)}, got {relaxation!r}")
+    if reading not in ("strict", "paper"):
+        raise ValueError(f"reading must be 'strict' or 'paper', got {reading!r}")
+    if target_holding_rate is not None and not 0.0 < target_holding_rate <= 1.0:
+        raise ValueError(f"target_holding_rate must be in (0, 1], got {target_holding_rate}")
     cache = _as_cache(model, layers, data, batch_size, output_fn, unit_dim, device, engine, progress)
     target_class = check_class(target_class, cache.num_classes)
+    if target_holding_rate is not None:
+        options = {
+            "lam": lam, "epochs": epochs, "batch_size": batch_size, "seed": seed, "progress": progress, "lr": lr,
+            "temperature": temperature, "gate_slope": gate_slope, "init_gate": init_gate, "w_b_init": w_b_init,
+            "min_steps": min_steps, "patience": patience, "positives_only": positives_only,
+            "relaxation": relaxation,
+        }
+        return _find_for_target(model, layers, target_class, cache, alpha, options, float(target_holding_rate),
+                                reading, calibration_runs, t0)
     dev = cache.device
     index_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
@@ -212,7 +247,13 @@ def find_core_units(
         )
     else:
         alpha_vec = float(alpha)  # type: ignore[arg-type]
-    gates = [SwitchGate(s.num_units, gate_slope, init_gate).to(dev) for s in specs]
+    if relaxation == "switch":
+        gates: list[SwitchGate | HardConcreteGate] = [
+            SwitchGate(s.num_units, gate_slope, init_gate).to(dev) for s in specs
+        ]
+    else:  # hard concrete gates are pushed to 0/1 by their own stretch: no phi penalty
+        gates = [HardConcreteGate(s.num_units, init_gate).to(dev) for s in specs]
+        lam = 0.0
     learn_wb = dprime.num_negative > 0
     log_wb = torch.tensor(math.log(w_b_init), device=dev, requires_grad=learn_wb)
     params = [g.x for g in gates] + ([log_wb] if learn_wb else [])
@@ -295,7 +336,7 @@ def find_core_units(
         "alpha": alphas if alphas is not None else alpha, "lam": lam, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "temperature": temperature, "gate_slope": gate_slope, "init_gate": init_gate,
         "w_b_init": w_b_init, "min_steps": min_steps, "patience": patience,
-        "positives_only": positives_only, "steps_run": len(history) and history[-1]["step"],
+        "positives_only": positives_only, "relaxation": relaxation, "steps_run": len(history) and history[-1]["step"],
         "total_steps": total_steps, "engine": cache.gated.engine, "prefix_cached": cache.cached,
     }
     return CoreUnits(
@@ -312,5 +353,77 @@ def find_core_units(
         seed=seed,
         dprime={"size": n, "positives": dprime.num_positive, "negatives": dprime.num_negative, "note": dprime.note},
         w_b={"learned": float(log_wb.detach().exp()), "refit": final.w_b},
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _scaled(alpha: float | Mapping[str, float], factor: float) -> float | dict[str, float]:
+    if isinstance(alpha, Mapping):
+        return {k: float(v) * factor for k, v in alpha.items()}
+    return float(alpha) * factor
+
+
+def _find_for_target(
+    model: nn.Module,
+    layers: LayerArg | Sequence[LayerArg],
+    target_class: int,
+    cache: ActivationCache,
+    alpha: float | Mapping[str, float],
+    options: dict[str, Any],
+    target: float,
+    reading: str,
+    calibration_runs: int,
+    t0: float,
+) -> CoreUnits:
+    """Target mode: calibrate alpha downwards until the target is met, then refine (see ``_core.target``)."""
+    from coreunits._core.target import mask_judge, refine_mask
+
+    if calibration_runs < 1:
+        raise ValueError(f"calibration_runs must be >= 1, got {calibration_runs}")
+    lam0 = float(options["lam"])
+    attempts: list[dict[str, Any]] = []
+    best: CoreUnits | None = None
+    for attempt in range(calibration_runs):
+        factor = _ALPHA_STEP ** -attempt
+        opts = dict(options, lam=lam0 * factor)
+        res = find_core_units(model, layers, target_class, cache, alpha=_scaled(alpha, factor), **opts)
+        rate = res.holding_rate_strict if reading == "strict" else res.holding_rate
+        attempts.append({"alpha": _scaled(alpha, factor), "lam": lam0 * factor,
+                         "units": sum(res.num_units.values()), "holding_rate": rate, "seconds": res.seconds})
+        if best is None or rate > (best.holding_rate_strict if reading == "strict" else best.holding_rate):
+            best = res
+        if rate >= target:
+            best = res
+            break
+    assert best is not None
+    gen = torch.Generator().manual_seed(options["seed"])
+    dprime = build_dprime(cache.predictions, target_class, generator=gen, positives_only=options["positives_only"])
+    judge = mask_judge(cache, dprime, target_class, reading)
+    specs = cache.specs
+    mask = torch.cat([best.masks[s.name].flatten() for s in specs])
+    values = torch.cat([best.gates[s.name].flatten() for s in specs])
+    refined = refine_mask(judge, mask, values, target)
+    pieces = refined.mask.split([s.num_units for s in specs])
+    final = evaluate_gates(cache, dprime.index, [p.float().to(cache.device) for p in pieces], target_class)
+    units = {s.name: torch.nonzero(p).flatten().tolist() for s, p in zip(specs, pieces)}
+    settings = dict(best.settings)
+    settings["target"] = {
+        "target_holding_rate": target, "reading": reading, "reached": refined.holding_rate >= target,
+        "calibration": attempts, **refined.to_dict(),
+    }
+    return CoreUnits(
+        target_class=target_class,
+        units=units,
+        gates=best.gates,
+        masks={s.name: p.reshape(s.unit_shape) for s, p in zip(specs, pieces)},
+        num_units={k: len(v) for k, v in units.items()},
+        total_units=best.total_units,
+        holding_rate=final.paper,
+        holding_rate_strict=final.strict,
+        history=best.history,
+        settings=settings,
+        seed=best.seed,
+        dprime=best.dprime,
+        w_b={"learned": best.w_b["learned"], "refit": final.w_b},
         seconds=time.perf_counter() - t0,
     )

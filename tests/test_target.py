@@ -1,0 +1,112 @@
+"""Target mode, refinement, hard-concrete gates and stability, on planted-truth models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from planted import PlantedNet
+
+from coreunits import ActivationCache, find_core_units
+from coreunits._core.stability import stability
+from coreunits._core.target import refine_mask
+
+
+def _judge_needs(required: set[int], extra_bonus: dict[int, float] | None = None):
+    """A judge whose holding rate is 1.0 exactly when every required unit is kept."""
+    bonus = extra_bonus or {}
+
+    def judge(mask: torch.Tensor) -> float:
+        kept = set(torch.nonzero(mask).flatten().tolist())
+        base = 1.0 if required <= kept else 0.5 + 0.1 * len(required & kept)
+        return min(1.0, base + sum(bonus.get(j, 0.0) for j in kept))
+
+    return judge
+
+
+def test_refine_drops_every_unit_the_target_does_not_need() -> None:
+    mask = torch.ones(6, dtype=torch.bool)
+    gates = torch.tensor([0.9, 0.6, 0.8, 0.99, 0.7, 0.95])
+    out = refine_mask(_judge_needs({0, 3}), mask, gates, target=0.99)
+    assert torch.nonzero(out.mask).flatten().tolist() == [0, 3]
+    assert out.holding_rate == 1.0 and out.units_before == 6
+    # Dropped lowest gate first.
+    assert out.dropped == [1, 4, 2, 5]
+
+
+def test_refine_adds_back_the_most_useful_unit_when_the_target_is_missed() -> None:
+    mask = torch.tensor([True, False, False, False])
+    out = refine_mask(_judge_needs({0, 2}), mask, torch.tensor([0.9, 0.1, 0.2, 0.3]), target=0.99)
+    assert out.added == [2]
+    assert torch.nonzero(out.mask).flatten().tolist() == [0, 2]
+    assert out.holding_rate >= 0.99
+
+
+def test_refine_reports_failure_when_no_mask_reaches_the_target() -> None:
+    out = refine_mask(lambda m: 0.5, torch.zeros(3, dtype=torch.bool), torch.zeros(3), target=0.9)
+    assert out.holding_rate < 0.9 and bool(out.mask.all())
+
+
+def test_target_mode_recovers_planted_units_and_reports_before_after(planted) -> None:
+    model, x = planted
+    r = find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99)
+    assert r.units["feat"] == PlantedNet.TRUE_UNITS
+    t = r.settings["target"]
+    assert t["reached"] and t["units_after"] == 2 and t["holding_rate_after"] >= 0.99
+    assert r.holding_rate_strict == pytest.approx(t["holding_rate_after"])
+    assert {"units_before", "holding_rate_before", "calibration", "evaluations"} <= set(t)
+
+
+def test_target_mode_lowers_alpha_when_the_first_try_misses(planted) -> None:
+    model, x = planted
+    # alpha this large switches every unit off: the first run must miss the target.
+    r = find_core_units(model, "feat", 0, x, progress=False, alpha=5.0, target_holding_rate=0.99,
+                        calibration_runs=6)
+    cal = r.settings["target"]["calibration"]
+    assert cal[0]["holding_rate"] < 0.99
+    assert len(cal) >= 2 and cal[1]["alpha"] < cal[0]["alpha"]
+    assert r.settings["target"]["reached"]
+    assert set(PlantedNet.TRUE_UNITS) <= set(r.units["feat"])
+
+
+def test_target_mode_paper_reading_and_bad_targets(planted) -> None:
+    model, x = planted
+    cache = ActivationCache(model, "feat", x)
+    r = find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=0.95, reading="paper")
+    assert r.settings["target"]["reading"] == "paper"
+    assert r.holding_rate >= 0.95
+    with pytest.raises(ValueError, match="target_holding_rate"):
+        find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=1.5)
+    with pytest.raises(ValueError, match="reading"):
+        find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=0.9, reading="loose")
+
+
+def test_hard_concrete_relaxation_recovers_planted_units(planted) -> None:
+    model, x = planted
+    r = find_core_units(model, "feat", 0, x, progress=False, relaxation="hard_concrete")
+    assert r.units["feat"] == PlantedNet.TRUE_UNITS
+    assert r.settings["relaxation"] == "hard_concrete" and r.settings["lam"] == 0.0
+    with pytest.raises(ValueError, match="relaxation"):
+        find_core_units(model, "feat", 0, x, progress=False, relaxation="gumbel")
+
+
+def test_target_mode_with_two_layers(planted) -> None:
+    model, x = planted
+    r = find_core_units(model, ["feat", "head"], 0, x, progress=False, target_holding_rate=0.99)
+    assert r.settings["target"]["reached"]
+    assert set(PlantedNet.TRUE_UNITS) <= set(r.units["feat"])
+    assert 0 in r.units["head"]  # class 0's own score must stay on
+
+
+def test_stability_counts_agreement_exactly() -> None:
+    masks = [torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0]), torch.tensor([1, 1, 0, 0])]
+    s = stability([m.bool() for m in masks])
+    assert s.runs == 3 and s.total_units == 4
+    assert s.frequency == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    assert s.always == [0] and s.ever == [0, 1, 2]
+    # Pairs: (A,B) 1/3, (A,C) 1, (B,C) 1/3.
+    assert s.mean_jaccard == pytest.approx((1 / 3 + 1 + 1 / 3) / 3)
+    assert s.units == [2, 2, 2] and s.units_spread == 0
+    with pytest.raises(ValueError):
+        stability([])
+    with pytest.raises(ValueError, match="different numbers"):
+        stability([torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool)])
