@@ -84,6 +84,36 @@ class IncrementalCurve:
         return F.conv2d(x[:, unit : unit + 1], lin.weight[:, unit : unit + 1], None,
                         lin.stride, lin.padding, lin.dilation)
 
+    def scores_of_mask(self, rows: torch.Tensor, mask: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Scores ``(len(rows), H)`` with only the units where ``mask`` is True kept.
+
+        The next layer is computed from the kept units alone (its input columns
+        or channels sliced), so a mask keeping k of K units costs about k/K of
+        that layer: the sparse masks that refinement and greedy search try are
+        cheap. Exact: a masked unit contributes exactly zero.
+        """
+        kept = torch.nonzero(mask.flatten().bool()).flatten().tolist()
+        lin = self.linear
+        out = []
+        with preserved_model_state(self.cache.model), torch.inference_mode(), self.post.activated():
+            for chunk in rows.split(batch_size):
+                x = self.cache.frontier_rows(chunk)[0]
+                if isinstance(lin, nn.Linear):
+                    h = self._chain(x)
+                    cols_of = self._columns(x)
+                    cols = torch.cat([cols_of[j] for j in kept]) if kept else torch.zeros(0, dtype=torch.long)
+                    cols = cols.to(h.device)
+                    z = h.index_select(1, cols) @ lin.weight.index_select(1, cols).T
+                    if lin.bias is not None:
+                        z = z + lin.bias
+                else:
+                    # No unit kept: one zeroed channel gives the bias-only output with the right shape.
+                    idx = torch.tensor(kept or [0], dtype=torch.long, device=x.device)
+                    w = lin.weight.index_select(1, idx) * (1.0 if kept else 0.0)
+                    z = F.conv2d(x.index_select(1, idx), w, lin.bias, lin.stride, lin.padding, lin.dilation)
+                out.append(self.post.suffix([z], [None]))
+        return torch.cat(out)
+
     def scores(self, rows: torch.Tensor, order: torch.Tensor, ks: Sequence[int],
                batch_size: int = 1024) -> dict[int, torch.Tensor]:
         """Scores ``(len(rows), H)`` for each k in ``ks``, keeping units ``order[:k]``."""
