@@ -198,6 +198,7 @@ def write_report(
             fig6 = {"class": rec["target_class"], "layer": "max1", "num_units": rec["num_units"]["max1"],
                     "curve": rec["curve"], "random_subsets": rec["random_subsets"]}
     classes = sorted({r["class"] for r in t1_all})
+    stab = _stability_rows(t1_all, spec)
     total_selection = sum(r["seconds"] + r.get("evaluation_seconds", 0.0) for r in records)
     wall = sum(i["wall_seconds"] for i in timing["invocations"])
     results = {
@@ -210,6 +211,7 @@ def write_report(
         "fig5": fig5,
         spec["fig6"]: fig6,
         "random_subsets": rnd,
+        "stability": stab,
         "runtime": {"wall_seconds_all_invocations": wall, "selection_and_evaluation_seconds": total_selection,
                     "invocations": timing["invocations"],
                     "per_run": {r["key"]: r["seconds"] + r.get("evaluation_seconds", 0.0) for r in records}},
@@ -220,13 +222,52 @@ def write_report(
     atomic_write_text(out / f"{spec['single']}.csv", _csv(t1_all, cols))
     atomic_write_text(out / f"{spec['double']}.csv", _csv(t2, cols))
     atomic_write_text(out / "random_subsets.csv", _csv(rnd, list(rnd[0]) if rnd else ["layer"]))
+    atomic_write_text(out / "stability.csv", _csv(stab, list(stab[0]) if stab else ["layer"]))
     if fig6:
         atomic_write_text(out / f"{spec['fig6']}.csv",
                           _csv(fig6["curve"], ["units", "holding_rate", "holding_rate_strict"]))
     figures = _plots(out, spec, t1_all, fig5, fig6, classes)
-    atomic_write_text(out / "report.md", _markdown(spec, dataset, results, t1, t2, rnd, fig6, figures, runs,
-                                                   quick, wall, total_selection))
+    text = _markdown(spec, dataset, results, t1, t2, rnd, fig6, figures, runs, quick, wall, total_selection)
+    atomic_write_text(out / "report.md", text + _stability_markdown(stab, spec))
     return results
+
+
+def _stability_rows(t1_all: list[dict[str, Any]], spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Agreement of the runs of each (layer, class): always-kept units, mean pairwise Jaccard, unit spread."""
+    import torch
+
+    from coreunits._core.stability import stability
+
+    out = []
+    for layer, c in sorted({(r["layer"], r["class"]) for r in t1_all}):
+        masks = []
+        for r in (r for r in t1_all if r["layer"] == layer and r["class"] == c):
+            m = torch.zeros(spec["total"][layer], dtype=torch.bool)
+            m[list(r["units"])] = True
+            masks.append(m)
+        s = stability(masks)
+        out.append({"layer": layer, "class": c, "runs": s.runs, "mean_jaccard": round(s.mean_jaccard, 4),
+                    "always_kept": len(s.always), "ever_kept": len(s.ever), "units_min": min(s.units),
+                    "units_max": max(s.units), "always": " ".join(map(str, s.always))})
+    return out
+
+
+def _stability_markdown(stab: list[dict[str, Any]], spec: dict[str, Any]) -> str:
+    if not stab or max(r["runs"] for r in stab) < 2:
+        return ""
+    lines = ["## Stability over runs (different seeds: negatives, permutation, gate noise)", "",
+             "| layer | class | runs | mean pairwise Jaccard | kept in every run | kept in some run | units min-max |",
+             "|---|---|---|---|---|---|---|"]
+    for r in stab:
+        lines.append(f"| {r['layer']} | {spec['class_names'][r['class']]} | {r['runs']} | {r['mean_jaccard']:.2f} | "
+                     f"{r['always_kept']} | {r['ever_kept']} | {r['units_min']}-{r['units_max']} |")
+    for layer in sorted({r["layer"] for r in stab}):
+        rows = [r for r in stab if r["layer"] == layer]
+        lines += ["", f"{layer}: mean Jaccard {_mean([r['mean_jaccard'] for r in rows]):.2f}; on average "
+                  f"{_mean([r['always_kept'] for r in rows]):.1f} units are kept in every run and "
+                  f"{_mean([r['ever_kept'] for r in rows]):.1f} in some run."]
+    lines += ["", "Data: `stability.csv`.", ""]
+    return "\n".join(lines)
 
 
 def _markdown(spec: dict[str, Any], dataset: str, results: dict[str, Any], t1: list[dict[str, Any]],
