@@ -16,8 +16,10 @@ Example:
 from coreunits._core.cache import ActivationCache
 from coreunits._core.errors import CoreUnitsError, DataError, LayerNotFoundError, ModelOutputError
 from coreunits._core.evaluation import holding_rate, mask_units
+from coreunits._core.problem import SelectionProblem
 from coreunits._core.result import CoreUnits
 from coreunits._core.selection import find_core_units
+from coreunits._core.stability import Stability, stability
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,9 @@ __all__ = [
     "mask_units",
     "CoreUnits",
     "ActivationCache",
+    "SelectionProblem",
+    "stability",
+    "Stability",
     "CoreUnitsError",
     "DataError",
     "LayerNotFoundError",

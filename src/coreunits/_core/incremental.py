@@ -66,7 +66,8 @@ class IncrementalCurve:
     def _columns(self, x: torch.Tensor) -> list[torch.Tensor]:
         # Which input features of the Linear belong to which unit: push unit ids through the chain.
         if self._cols is None:
-            ids = torch.arange(self.spec.num_units, dtype=x.dtype, device=x.device)
+            # float64 ids: exact for any unit count (a half-precision id would round above 2048).
+            ids = torch.arange(self.spec.num_units, dtype=torch.float64, device=x.device)
             assert self.spec.unit_dims is not None
             shape = [1] * x.dim()
             for d, size in zip(self.spec.unit_dims, self.spec.unit_shape):
