@@ -1,4 +1,4 @@
-"""The ``coreunits`` command line: demo, find, train, reproduce.
+"""The ``coreunits`` command line: demo, find, train, reproduce, compare.
 
 Every subcommand has ``--help``. Data comes from ``--data-root`` or the
 ``COREUNITS_DATA`` variable; MNIST is downloaded when possible, and the demo
@@ -112,8 +112,15 @@ def cmd_find(args: argparse.Namespace) -> int:
         epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
         batch_size=args.batch_size, seed=args.seed,
         positives_only=args.positives_only, progress=not args.no_progress,
+        target_holding_rate=args.target, reading=args.reading,
     )
     print(f"data: {source}")
+    if "target" in r.settings:
+        t = r.settings["target"]
+        print(f"target {t['target_holding_rate']:.2%} ({t['reading']} reading): "
+              f"{t['units_before']} units before refinement ({t['holding_rate_before']:.2%}), "
+              f"{t['units_after']} after ({t['holding_rate_after']:.2%})"
+              + ("" if t["reached"] else "; NOT reached"))
     for layer in r.layers:
         print(f"{layer}: {r.num_units[layer]} / {r.total_units[layer]} units: {r.units[layer]}")
     print(f"holding rate on D'_c: {100 * r.holding_rate:.2f}% (paper reading), "
@@ -146,6 +153,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     return reproduce.run(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare unit-selection methods (switch gates, L0, greedy, Shapley, rankings, random) at a target."""
+    from coreunits import compare
+
+    _threads(args.threads)
+    return compare.run(args)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -194,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="default: the paper setting for the layer")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--positives-only", action="store_true", help="D'_c from positives only (paper: input layer)")
+    p.add_argument("--target", type=float, default=None,
+                   help="target mode: the fewest units whose holding rate on D'_c reaches this (e.g. 0.995)")
+    p.add_argument("--reading", choices=["strict", "paper"], default="strict",
+                   help="holding-rate reading the target is judged in (default: strict)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_find)
 
@@ -215,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="optimisations per (layer, class)")
     p.add_argument("--quick", action="store_true", help="a small subset, for smoke tests")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("compare", help="compare unit-selection methods at a target holding rate, with a report",
+                       description=cmd_compare.__doc__)
+    _add_common(p)
+    p.add_argument("dataset", choices=["mnist", "cifar10"])
+    p.add_argument("--layers", nargs="+", default=["max1", "max2"])
+    p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--target", type=float, default=0.995, help="holding rate to reach (default 0.995)")
+    p.add_argument("--reading", choices=["strict", "paper"], default="strict")
+    p.add_argument("--methods", nargs="+", default=None, help="method names (default: all available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--out", default=None, help="output folder (default: results/compare-<dataset>)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

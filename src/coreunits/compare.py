@@ -1,0 +1,369 @@
+"""``coreunits compare``: every way of choosing units, judged by the same holding rate.
+
+For a model, a layer and classes, each strategy (switch gates in target mode,
+hard-concrete L0 gates, greedy backward elimination, truncated Monte Carlo
+Shapley values, gradient x activation, mean activation, random) answers the
+same :class:`SelectionProblem`; we record the units it needs to reach the
+target holding rate on D'_c, the holding rate of that set on a held-out D'_c
+(another split), its wall time, and, for methods that rank units, the curve of
+holding rate versus the top-k kept (on a probe of D'_c, for the picture).
+
+Each (layer, class, method) is written to ``<out>/runs/`` as soon as it is
+done (atomically); a rerun skips what is done, so a long comparison resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from coreunits._core.cache import ActivationCache
+from coreunits._core.problem import SelectionProblem
+from coreunits._core.result import atomic_write_text
+from coreunits._core.strategies import Strategy
+
+__all__ = ["default_methods", "compare_methods", "write_comparison_report", "run"]
+
+#: Rows of D'_c the plotted curves are measured on (the k each method needs is exact, on all of D'_c).
+CURVE_PROBE_ROWS = 2048
+
+
+def default_methods(seed: int = 0, gate_options: dict[str, Any] | None = None,
+                    include: Sequence[str] | None = None) -> list[Strategy]:
+    """The strategies ``compare`` runs by default (captum's only when captum is installed).
+
+    Args:
+        seed: seed of the random baseline and the Monte Carlo methods.
+        gate_options: keyword arguments for the gate methods (alpha, lam, epochs...).
+        include: names to keep (default: all available).
+    """
+    from coreunits._core.strategies import (
+        GradientTimesActivation,
+        GreedyBackwardElimination,
+        HardConcreteL0,
+        MeanActivation,
+        RandomRanking,
+        SwitchGates,
+        TruncatedMonteCarloShapley,
+    )
+
+    opts = gate_options or {}
+    methods: list[Strategy] = [
+        SwitchGates(**opts), HardConcreteL0(**opts), GreedyBackwardElimination(),
+        TruncatedMonteCarloShapley(seed=seed), GradientTimesActivation(), MeanActivation(), RandomRanking(seed=seed),
+    ]
+    try:
+        import captum  # noqa: F401
+
+        from coreunits._core.strategies import CaptumConductance
+
+        methods.append(CaptumConductance())
+    except ImportError:
+        pass
+    if include is not None:
+        known = {m.name for m in methods}
+        unknown = set(include) - known
+        if unknown:
+            raise ValueError(f"unknown method(s) {sorted(unknown)}; available: {sorted(known)}")
+        methods = [m for m in methods if m.name in include]
+    return methods
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("fingerprint") == fingerprint else None
+
+
+def _probe_curve(problem: SelectionProblem, ranking: torch.Tensor) -> list[dict[str, float]]:
+    rows = problem.rows[:CURVE_PROBE_ROWS]
+    order = torch.argsort(ranking.flatten().float(), descending=True, stable=True)
+    mask = torch.zeros(problem.num_units, dtype=torch.bool)
+    out = []
+    for k in range(problem.num_units + 1):
+        if k > 0:
+            mask[order[k - 1]] = True
+        r = problem.rates(mask, rows)
+        out.append({"units": k, "holding_rate_strict": r.strict, "holding_rate": r.paper})
+    return out
+
+
+def compare_methods(
+    model: nn.Module,
+    layer: str,
+    classes: Sequence[int],
+    data: Any,
+    *,
+    target: float = 0.995,
+    methods: Sequence[Strategy] | None = None,
+    reading: str = "strict",
+    seed: int = 0,
+    heldout_data: Any = None,
+    out: str | Path | None = None,
+    curves: bool = True,
+    progress: bool = True,
+    tag: str = "",
+) -> list[dict[str, Any]]:
+    """Run every method on every class of one layer and judge them by the same holding rate.
+
+    Args:
+        model: the classifier (left unchanged).
+        layer: the layer whose units are chosen.
+        classes: the classes c.
+        data: data for D'_c (Dataset, DataLoader, tensor) or an :class:`ActivationCache` for ``layer``.
+        target: the holding rate every method must reach on D'_c.
+        methods: strategies (default :func:`default_methods`).
+        reading: ``"strict"`` or ``"paper"`` holding rate.
+        seed: seed of D'_c's negatives (same D'_c for every method).
+        heldout_data: a second split: the chosen sets' holding rate on its D'_c is reported.
+        out: folder for per-(layer, class, method) records; done records are reused.
+        curves: also measure holding rate vs top-k for methods that rank units (probe of D'_c).
+        progress: progress bar.
+        tag: what the model and data are (part of each record's fingerprint).
+
+    Returns:
+        One record per (class, method): units, holding rate, held-out holding rate, seconds, curve.
+    """
+    from tqdm.auto import tqdm
+
+    from coreunits import __version__
+
+    methods = list(methods) if methods is not None else default_methods(seed)
+    cache = data if isinstance(data, ActivationCache) else ActivationCache(model, layer, data, batch_size=1000)
+    held = None
+    if heldout_data is not None:
+        held = heldout_data if isinstance(heldout_data, ActivationCache) else ActivationCache(
+            model, layer, heldout_data, batch_size=1000)
+    runs_dir = Path(out) / "runs" if out is not None else None
+    if runs_dir is not None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    bar = tqdm(total=len(classes) * len(methods), desc=f"compare {layer}", unit="method", disable=not progress)
+    try:
+        for c in classes:
+            problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)
+            for method in methods:
+                key = f"{layer}_c{c}_{method.name}"
+                fingerprint = _fingerprint([__version__, tag, repr(method), target, reading, seed, key,
+                                            len(cache), held is not None and len(held)])
+                path = runs_dir / f"{key}.json" if runs_dir is not None else None
+                record = _load(path, fingerprint) if path is not None else None
+                if record is None:
+                    bar.set_postfix_str(key)
+                    res = method.run(problem, target)
+                    assert res.mask is not None
+                    record = {
+                        "key": key, "fingerprint": fingerprint, "layer": layer, "target_class": c,
+                        "method": method.name, "target": target, "reading": reading,
+                        "units": res.units, "num_units": res.num_units, "total_units": problem.num_units,
+                        "holding_rate": res.holding_rate, "reached": (res.holding_rate or 0.0) >= target,
+                        "seconds": res.seconds, "evaluations": res.evaluations,
+                        "dprime_size": len(problem.rows), "info": res.info,
+                    }
+                    if held is not None:
+                        hp = SelectionProblem(held, layer, c, seed=seed, reading=reading)
+                        record["heldout_holding_rate"] = hp.holding(res.mask)
+                        record["heldout_dprime_size"] = len(hp.rows)
+                    if curves and res.ranking is not None:
+                        record["curve"] = _probe_curve(problem, res.ranking)
+                    if path is not None:
+                        atomic_write_text(path, json.dumps(record, default=str))
+                records.append(record)
+                bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
+# ------------------------------------------------------------------ report
+def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (layer, method): mean units, holding rates and time, and the bar's comparisons."""
+    out = []
+    layers = sorted({r["layer"] for r in records})
+    for layer in layers:
+        rows = [r for r in records if r["layer"] == layer]
+        gates = {r["target_class"]: r for r in rows if r["method"] == "switch_gates"}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            s: dict[str, Any] = {
+                "layer": layer, "method": method, "classes": len(mine),
+                "mean_units": statistics.mean(r["num_units"] for r in mine),
+                "mean_holding_rate": statistics.mean(r["holding_rate"] for r in mine),
+                "min_holding_rate": min(r["holding_rate"] for r in mine),
+                "reached": sum(bool(r["reached"]) for r in mine),
+                "mean_seconds": statistics.mean(r["seconds"] for r in mine),
+                "total_seconds": sum(r["seconds"] for r in mine),
+            }
+            if all("heldout_holding_rate" in r for r in mine):
+                s["mean_heldout_holding_rate"] = statistics.mean(r["heldout_holding_rate"] for r in mine)
+            if gates and method != "switch_gates":
+                both = [r for r in mine if r["target_class"] in gates]
+                s["classes_gates_fewer_or_equal"] = sum(
+                    gates[r["target_class"]]["num_units"] <= r["num_units"] for r in both)
+            out.append(s)
+    return out
+
+
+def _plot(records: list[dict[str, Any]], path: Path, target: float) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    layers = sorted({r["layer"] for r in records})
+    fig, axes = plt.subplots(2, len(layers), figsize=(6.5 * len(layers), 8.5), squeeze=False)
+    for col, layer in enumerate(layers):
+        rows = [r for r in records if r["layer"] == layer]
+        ax = axes[0][col]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            cs = [r["curve"] for r in rows if r["method"] == method and r.get("curve")]
+            if not cs:
+                continue
+            ks = [p["units"] for p in cs[0]]
+            key = "holding_rate_strict" if rows[0]["reading"] == "strict" else "holding_rate"
+            mean = [statistics.mean(c[i][key] for c in cs) for i in range(len(ks))]
+            ax.plot(ks, mean, label=method)
+        ax.axhline(target, color="k", lw=0.8, ls="--")
+        ax.set_ylim(0.5, 1.005)
+        ax.set_xlabel("units kept (top-k of the method's ranking)")
+        ax.set_ylabel(f"holding rate (mean over classes, {CURVE_PROBE_ROWS}-input probe)")
+        ax.set_title(f"{layer}: holding rate vs units")
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        classes = sorted({r["target_class"] for r in rows})
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            by = {r["target_class"]: r["num_units"] for r in rows if r["method"] == method}
+            ax.bar([c + i * width for c in classes], [by.get(c, 0) for c in classes], width, label=method)
+        ax.set_xticks([c + 0.4 - width / 2 for c in classes], [str(c) for c in classes])
+        ax.set_xlabel("class")
+        ax.set_ylabel(f"units needed for {target:.1%}")
+        ax.set_title(f"{layer}: units each method needs")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    tmp = path.with_suffix(".tmp.png")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+    return True
+
+
+def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, target: float,
+                            description: str, command: str) -> dict[str, Any]:
+    """Write comparison.json, table.csv, summary.csv, curves.csv, comparison.png and report.md to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    result = {"target": target, "description": description, "command": command, "summary": summary,
+              "records": [{k: v for k, v in r.items() if k != "curve"} for r in records]}
+    atomic_write_text(out / "comparison.json", json.dumps(result, indent=1, default=str))
+    fields = ["layer", "target_class", "method", "num_units", "total_units", "holding_rate",
+              "heldout_holding_rate", "reached", "seconds", "evaluations", "units"]
+    atomic_write_text(out / "table.csv", _csv(records, fields))
+    sfields = ["layer", "method", "classes", "mean_units", "mean_holding_rate", "min_holding_rate", "reached",
+               "mean_heldout_holding_rate", "mean_seconds", "total_seconds", "classes_gates_fewer_or_equal"]
+    atomic_write_text(out / "summary.csv", _csv(summary, sfields))
+    curve_rows = [{"layer": r["layer"], "target_class": r["target_class"], "method": r["method"]} | p
+                  for r in records for p in r.get("curve") or []]
+    atomic_write_text(out / "curves.csv", _csv(curve_rows, ["layer", "target_class", "method", "units",
+                                                            "holding_rate_strict", "holding_rate"]))
+    plotted = _plot(records, out / "comparison.png", target)
+
+    lines = [f"# Unit-selection methods compared at a {target:.1%} holding-rate target", "",
+             f"{description}", "", f"Produced by: `{command}`", ""]
+    for layer in sorted({s["layer"] for s in summary}):
+        lines += [f"## {layer}", "",
+                  "| method | classes | mean units | mean holding (D'_c) | lowest | reached | "
+                  "mean held-out holding | mean seconds | gates need <= units |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in (s for s in summary if s["layer"] == layer):
+            held = f"{s['mean_heldout_holding_rate']:.2%}" if "mean_heldout_holding_rate" in s else "-"
+            cmp_ = s.get("classes_gates_fewer_or_equal")
+            fewer = "-" if cmp_ is None else f"{cmp_}/{s['classes']}"
+            lines.append(
+                f"| {s['method']} | {s['classes']} | {s['mean_units']:.1f} | {s['mean_holding_rate']:.2%} | "
+                f"{s['min_holding_rate']:.2%} | {s['reached']}/{s['classes']} | {held} | {s['mean_seconds']:.1f} | "
+                f"{fewer} |")
+        rows = [r for r in records if r["layer"] == layer]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lines += ["", "Units needed per class:", "", "| class | " + " | ".join(methods) + " |",
+                  "|---" * (len(methods) + 1) + "|"]
+        for c in sorted({r["target_class"] for r in rows}):
+            by = {r["method"]: r for r in rows if r["target_class"] == c}
+            cells = [f"{by[m]['num_units']}" + ("" if by[m]["reached"] else "*") if m in by else "-"
+                     for m in methods]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines += ["", "`*` = the target was not reached (all units kept or the best found).", ""]
+    if plotted:
+        lines += ["![curves and units](comparison.png)", ""]
+    lines += ["Files: comparison.json (all records), table.csv, summary.csv, curves.csv.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return result
+
+
+# ------------------------------------------------------------------ CLI
+def run(args: argparse.Namespace) -> int:
+    """CLI entry for ``coreunits compare`` on the paper's classifiers."""
+    from coreunits.cli import default_checkpoint
+    from coreunits.data import get_mnist
+    from coreunits.paper import coefficients
+    from coreunits.train import load_model
+
+    torch.manual_seed(0)
+    dataset = args.dataset
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(dataset)
+    model = load_model(ckpt, dataset)
+    if dataset == "mnist":
+        data, source = get_mnist(args.data_root, train=True, allow_sample=False)
+        heldout, held_source = get_mnist(args.data_root, train=False, allow_sample=False)
+    else:
+        from coreunits.reproduce import _cifar10_data
+
+        data, source = _cifar10_data(args.data_root, quick=False)
+        heldout, held_source = _cifar10_data(args.data_root, quick=True)
+    out = Path(args.out) if args.out else Path("results") / f"compare-{dataset}"
+    tag = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] + f"/{len(data)}"
+    records = []
+    for layer in args.layers:
+        methods = default_methods(args.seed, coefficients(dataset, [layer]), args.methods)
+        records += compare_methods(model, layer, args.classes, data, target=args.target, methods=methods,
+                                   reading=args.reading, seed=args.seed, heldout_data=heldout, out=out,
+                                   progress=not args.no_progress, tag=tag)
+    description = (f"Classifier {ckpt.name}; D'_c from {source}; held-out D'_c from {held_source}; "
+                   f"{args.reading} holding rate; seed {args.seed}; {torch.get_num_threads()} CPU threads.")
+    command = ("coreunits compare " + dataset + " --layers " + " ".join(args.layers) + " --classes "
+               + " ".join(map(str, args.classes)) + f" --target {args.target}"
+               + (" --methods " + " ".join(args.methods) if args.methods else ""))
+    write_comparison_report(out, records, target=args.target, description=description, command=command)
+    print(f"wrote {out / 'report.md'} (and comparison.json, CSVs, PNG)")
+    return 0
