@@ -95,6 +95,8 @@ class ActivationCache:
         engine: ``"auto"``, ``"fx"`` or ``"hooks"`` (see :class:`GatedModel`).
         cache_budget: bytes of frontier activations to keep; above it the
             prefix is recomputed per batch.
+        keep_inputs: keep the inputs too, even when the activations are cached
+            (for methods that run the whole model, e.g. captum's attributions).
         progress: show a progress bar.
     """
 
@@ -111,6 +113,7 @@ class ActivationCache:
         engine: str = "auto",
         cache_budget: int | None = None,
         progress: bool = False,
+        keep_inputs: bool = False,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -174,7 +177,7 @@ class ActivationCache:
             self.frontier = [torch.cat(parts) for parts in zip(*fronts)]
             if self.frontier_bytes() > self.budget:
                 self.frontier = None
-            elif not self._needs_inputs():
+            elif not self._needs_inputs() and not keep_inputs:
                 self.inputs = None
 
     def _needs_inputs(self) -> bool:

@@ -85,7 +85,9 @@ class Strategy(ABC):
         """Answer ``problem``; with a ``target`` holding rate, also choose a set."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        # Includes every public setting: compare's stored records are keyed by it.
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
 
 
 class RankingStrategy(Strategy):

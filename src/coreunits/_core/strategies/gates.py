@@ -49,9 +49,6 @@ class SwitchGates(Strategy):
         return StrategyResult(self.name, res.gates[problem.layer].flatten().float(), mask, rate,
                               time.perf_counter() - t0, evaluations, info)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
-
 
 class HardConcreteL0(SwitchGates):
     """Hard-concrete L0 gates (Louizos et al. 2018) in place of sigmoid + phi; same calibration and refinement."""

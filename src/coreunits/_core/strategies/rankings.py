@@ -204,7 +204,7 @@ class CaptumConductance(RankingStrategy):
     Per unit, the mean over D'_c's positives of ``|sum over the unit's
     elements of the attribution|`` to the class-c score. Needs ``captum``
     (``pip install captum``) and an :class:`ActivationCache` that keeps the
-    inputs (``engine="hooks"``, or ``cache_budget=0``): captum runs the model
+    inputs (``keep_inputs=True``, ``engine="hooks"`` or ``cache_budget=0``): captum runs the model
     from its inputs.
 
     Args:
