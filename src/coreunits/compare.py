@@ -15,12 +15,10 @@ done (atomically); a rerun skips what is done, so a long comparison resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,9 @@ from torch import nn
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.problem import SelectionProblem
-from coreunits._core.result import atomic_write_text
+from coreunits._core.result import atomic_write_text, fingerprint_of, read_record
 from coreunits._core.strategies import Strategy
+from coreunits.report import csv_text
 
 __all__ = ["default_methods", "compare_methods", "write_comparison_report", "run"]
 
@@ -81,18 +80,6 @@ def default_methods(seed: int = 0, gate_options: dict[str, Any] | None = None,
             raise ValueError(f"unknown method(s) {sorted(unknown)}; available: {sorted(known)}")
         methods = [m for m in methods if m.name in include]
     return methods
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("fingerprint") == fingerprint else None
 
 
 def _probe_curve(problem: SelectionProblem, ranking: torch.Tensor) -> list[dict[str, float]]:
@@ -166,10 +153,10 @@ def compare_methods(
             problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)
             for method in methods:
                 key = f"{layer}_c{c}_{method.name}"
-                fingerprint = _fingerprint([__version__, tag, repr(method), target, reading, seed, key,
+                fingerprint = fingerprint_of([__version__, tag, repr(method), target, reading, seed, key,
                                             len(cache), held is not None and len(held)])
                 path = runs_dir / f"{key}.json" if runs_dir is not None else None
-                record = _load(path, fingerprint) if path is not None else None
+                record = read_record(path, fingerprint) if path is not None else None
                 if record is None:
                     bar.set_postfix_str(key)
                     res = method.run(problem, target)
@@ -198,14 +185,6 @@ def compare_methods(
 
 
 # ------------------------------------------------------------------ report
-def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (layer, method): mean units, holding rates and time, and the bar's comparisons."""
     out = []
@@ -294,13 +273,13 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=1, default=str))
     fields = ["layer", "target_class", "method", "num_units", "total_units", "holding_rate",
               "heldout_holding_rate", "reached", "seconds", "evaluations", "units"]
-    atomic_write_text(out / "table.csv", _csv(records, fields))
+    atomic_write_text(out / "table.csv", csv_text(records, fields))
     sfields = ["layer", "method", "classes", "mean_units", "mean_holding_rate", "min_holding_rate", "reached",
                "mean_heldout_holding_rate", "mean_seconds", "total_seconds", "classes_gates_fewer_or_equal"]
-    atomic_write_text(out / "summary.csv", _csv(summary, sfields))
+    atomic_write_text(out / "summary.csv", csv_text(summary, sfields))
     curve_rows = [{"layer": r["layer"], "target_class": r["target_class"], "method": r["method"]} | p
                   for r in records for p in r.get("curve") or []]
-    atomic_write_text(out / "curves.csv", _csv(curve_rows, ["layer", "target_class", "method", "units",
+    atomic_write_text(out / "curves.csv", csv_text(curve_rows, ["layer", "target_class", "method", "units",
                                                             "holding_rate_strict", "holding_rate"]))
     plotted = _plot(records, out / "comparison.png", target)
 

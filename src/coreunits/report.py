@@ -63,7 +63,8 @@ def _spread(xs: list[float]) -> float:
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
 
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """CSV of ``rows`` with the given columns (lists and dicts as JSON)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -219,13 +220,13 @@ def write_report(
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     cols = ["layer", "class", "run", "seed", "holding_rate", "holding_rate_strict", "num_units", "units",
             "dprime_size", "seconds"]
-    atomic_write_text(out / f"{spec['single']}.csv", _csv(t1_all, cols))
-    atomic_write_text(out / f"{spec['double']}.csv", _csv(t2, cols))
-    atomic_write_text(out / "random_subsets.csv", _csv(rnd, list(rnd[0]) if rnd else ["layer"]))
-    atomic_write_text(out / "stability.csv", _csv(stab, list(stab[0]) if stab else ["layer"]))
+    atomic_write_text(out / f"{spec['single']}.csv", csv_text(t1_all, cols))
+    atomic_write_text(out / f"{spec['double']}.csv", csv_text(t2, cols))
+    atomic_write_text(out / "random_subsets.csv", csv_text(rnd, list(rnd[0]) if rnd else ["layer"]))
+    atomic_write_text(out / "stability.csv", csv_text(stab, list(stab[0]) if stab else ["layer"]))
     if fig6:
         atomic_write_text(out / f"{spec['fig6']}.csv",
-                          _csv(fig6["curve"], ["units", "holding_rate", "holding_rate_strict"]))
+                          csv_text(fig6["curve"], ["units", "holding_rate", "holding_rate_strict"]))
     figures = _plots(out, spec, t1_all, fig5, fig6, classes)
     text = _markdown(spec, dataset, results, t1, t2, rnd, fig6, figures, runs, quick, wall, total_selection)
     atomic_write_text(out / "report.md", text + _stability_markdown(stab, spec))

@@ -23,7 +23,7 @@ import torch
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import build_dprime
 from coreunits._core.evaluation import evaluate_gates, removal_curve
-from coreunits._core.result import atomic_write_text
+from coreunits._core.result import atomic_write_text, fingerprint_of, read_record
 from coreunits._core.selection import DEFAULTS, find_core_units
 from coreunits.paper import coefficients
 
@@ -82,21 +82,6 @@ def plan(dataset: str, quick: bool, runs: int) -> list[Work]:
         for c in classes:
             works.append(Work("fig5", ("input",), c, 1, positives_only=True))
     return works
-
-
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _load_done(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """A finished record, or None when missing, corrupt or made with other settings."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint or "holding_rate" not in record:
-        return None
-    return record
 
 
 def _random_subset_rates(cache: ActivationCache, rows: torch.Tensor, k: int, total: int, c: int,
@@ -208,14 +193,14 @@ def run_dataset(
         "version": __version__,
         "defaults": DEFAULTS,
     }
-    fingerprint = _fingerprint(settings)
+    fingerprint = fingerprint_of(settings)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     works = plan(dataset, quick, runs)
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for w in works:
-        done = _load_done(runs_dir / f"{w.key}.json", fingerprint)
+        done = read_record(runs_dir / f"{w.key}.json", fingerprint)
         if done is not None:
             records[w.key] = done
         else:

@@ -11,7 +11,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["CoreUnits", "atomic_write_text"]
+__all__ = ["CoreUnits", "atomic_write_text", "fingerprint_of", "read_record"]
+
+
+def fingerprint_of(settings: Any) -> str:
+    """Short hash of JSON-able settings: stored results made with other settings are redone."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_record(path: str | os.PathLike[str], fingerprint: str, required: str = "holding_rate") -> dict[str, Any] | None:
+    """A finished JSON record of a resumable sweep, or None when missing, corrupt or made with other settings."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint or required not in record:
+        return None
+    return record
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
