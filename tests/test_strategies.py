@@ -211,6 +211,10 @@ class _ScriptedProblem:
         on_all = {frozenset({0, 1, 2}): 1.0, frozenset({0, 2}): 0.995}
         return (on_probe if rows is not None else on_all).get(kept, 0.5)
 
+    def reaches(self, mask: torch.Tensor, target: float) -> tuple[bool, float]:
+        rate = self.holding(mask)
+        return rate >= target, rate
+
 
 @pytest.mark.parametrize("retries, kept", [(3, [0, 2]), (0, [0, 1, 2])])
 def test_greedy_probe_retries_the_next_candidates(retries: int, kept: list[int]) -> None:
@@ -328,3 +332,20 @@ def test_strategy_interface() -> None:
     assert CaptumConductance.name == "captum_conductance"
     assert not isinstance(GreedyBackwardElimination(), RankingStrategy)
     assert all(isinstance(cls(), RankingStrategy) for cls in names[:4])
+
+
+def test_reaches_agrees_with_the_full_holding_rate(planted) -> None:
+    """The early-exit test gives the same verdict as the full holding rate, and the exact rate when it passes."""
+    model, x = planted
+    problem = SelectionProblem(ActivationCache(model, "feat", x), "feat", 0)
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(8, generator=g) > 0.5 for _ in range(12)] + [torch.ones(8, dtype=torch.bool)]
+    for mask in masks:
+        full = problem.holding(mask)
+        for target in (0.5, 0.9, 0.99, full):
+            reached, rate = problem.reaches(mask, target, chunk=100)
+            assert reached == (full >= target - 1e-9)
+            if reached:
+                assert rate == pytest.approx(full, abs=1e-6)
+            else:
+                assert rate >= full - 1e-6  # stopped early: the rate over what was seen bounds it from above

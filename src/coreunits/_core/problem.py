@@ -122,6 +122,31 @@ class SelectionProblem:
         r = self.rates(mask, rows)
         return r.strict if self.reading == "strict" else r.paper
 
+    def reaches(self, mask: torch.Tensor, target: float, chunk: int = 1024) -> tuple[bool, float]:
+        """Whether ``mask``'s holding rate on D'_c reaches ``target``, stopping as soon as it cannot.
+
+        In the strict reading each input's decision is final on its own, so D'_c
+        is judged chunk by chunk and the pass stops once more inputs have changed
+        decision than the target allows: a mask that misses the target is usually
+        rejected after a fraction of D'_c. (The paper reading refits ``w_b`` on
+        all inputs, so it is judged whole.) Returns (reached, holding rate); the
+        rate is exact when reached, else an upper bound of the true (missing) rate.
+        """
+        if self.reading != "strict":
+            rate = self.holding(mask)
+            return rate >= target, rate
+        self.evaluations += 1
+        n = len(self.rows)
+        allowed = int((1.0 - target) * n + 1e-9)
+        changed = 0
+        for start in range(0, n, chunk):
+            rows = self.rows[start : start + chunk]
+            decision = self.scores(mask, rows).argmax(dim=1) == self.target_class
+            changed += int((decision != self.original[start : start + chunk]).sum())
+            if changed > allowed:
+                return False, 1.0 - changed / n
+        return True, 1.0 - changed / n
+
     def top_k_mask(self, ranking: torch.Tensor, k: int) -> torch.Tensor:
         """Bool mask keeping the ``k`` units with the highest ``ranking`` (ties: lower index first)."""
         order = torch.argsort(ranking.flatten().float().cpu(), descending=True, stable=True)

@@ -29,9 +29,22 @@ from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime
 from coreunits._core.evaluation import evaluate_gates
 
-__all__ = ["Refinement", "refine_mask", "mask_judge"]
+__all__ = ["Judge", "Refinement", "mask_judge", "refine_mask"]
 
-Judge = Callable[[torch.Tensor], float]
+class Judge:
+    """Holding rate of a bool mask over all gated units (concatenated), and an early-exit test."""
+
+    def __init__(self, holding: Callable[[torch.Tensor], float],
+                 reaches: Callable[[torch.Tensor, float], tuple[bool, float]] | None = None) -> None:
+        self.holding = holding
+        self._reaches = reaches
+
+    def reaches(self, mask: torch.Tensor, target: float) -> tuple[bool, float]:
+        """(holding rate >= target, the rate or a bound on it)."""
+        if self._reaches is not None:
+            return self._reaches(mask, target)
+        rate = self.holding(mask)
+        return rate >= target, rate
 
 
 @dataclass
@@ -65,21 +78,22 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
         from coreunits._core.problem import SelectionProblem
 
         problem = SelectionProblem(cache, cache.specs[0].name, target_class, reading=reading, dprime=dprime)
-        return problem.holding
+        return Judge(problem.holding, problem.reaches)
 
-    def judge(mask: torch.Tensor) -> float:
+    def holding(mask: torch.Tensor) -> float:
         gates: list[torch.Tensor | None] = [m.float().to(cache.device) for m in mask.split(sizes)]
         r = evaluate_gates(cache, dprime.index, gates, target_class)
         return r.strict if reading == "strict" else r.paper
 
-    return judge
+    return Judge(holding)
 
 
-def refine_mask(judge: Judge, mask: torch.Tensor, gate_values: torch.Tensor, target: float) -> Refinement:
+def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tensor, gate_values: torch.Tensor, target: float) -> Refinement:
     """Add back, then drop, units of a rounded mask against the target holding rate.
 
     Args:
-        judge: holding rate of a bool mask (all layers' units concatenated).
+        judge: holding rate of a bool mask (all layers' units concatenated), or a
+            :class:`Judge` (whose early-exit test makes rejected drops cheap).
         mask: the rounded mask (True = kept).
         gate_values: the gates' values, same length: the order to try units in.
         target: the holding rate to keep.
@@ -88,9 +102,11 @@ def refine_mask(judge: Judge, mask: torch.Tensor, gate_values: torch.Tensor, tar
         The refined mask with its holding rate, and what changed. When no mask
         reaches the target, the result keeps every unit that was added.
     """
+    if not isinstance(judge, Judge):
+        judge = Judge(judge)
     mask = mask.flatten().bool().cpu().clone()
     values = gate_values.flatten().float().cpu()
-    rate = judge(mask)
+    rate = judge.holding(mask)
     out = Refinement(mask, rate, int(mask.sum()), rate, evaluations=1)
     # Add back: each round adds the unit that raises the holding rate most.
     while rate < target and not bool(mask.all()):
@@ -98,7 +114,7 @@ def refine_mask(judge: Judge, mask: torch.Tensor, gate_values: torch.Tensor, tar
         for j in torch.nonzero(~mask).flatten().tolist():
             trial = mask.clone()
             trial[j] = True
-            r = judge(trial)
+            r = judge.holding(trial)
             out.evaluations += 1
             if r > best_rate:
                 best_j, best_rate = j, r
@@ -113,9 +129,9 @@ def refine_mask(judge: Judge, mask: torch.Tensor, gate_values: torch.Tensor, tar
                 continue
             trial = mask.clone()
             trial[j] = False
-            r = judge(trial)
+            reached, r = judge.reaches(trial, target)
             out.evaluations += 1
-            if r >= target:
+            if reached:
                 mask, rate = trial, r
                 out.dropped.append(j)
     out.mask, out.holding_rate = mask, rate

@@ -59,20 +59,19 @@ def smallest_top_k(problem: SelectionProblem, ranking: torch.Tensor, target: flo
 
     Scans k upwards from 0 and stops at the first k that reaches the target:
     exact even though the curve need not be monotone (keeping more units can
-    hold less), and cheap, because small masks are evaluated through the
-    sparse fast path. When no k reaches the target, all units are kept.
+    hold less), and cheap: small masks go through the sparse fast path and a
+    k that misses is rejected early (:meth:`SelectionProblem.reaches`). When
+    no k reaches the target, all units are kept.
     """
     order = torch.argsort(ranking.flatten().float().cpu(), descending=True, stable=True)
     mask = torch.zeros(problem.num_units, dtype=torch.bool)
-    best_rate = -1.0
     for k in range(problem.num_units + 1):
         if k > 0:
             mask[order[k - 1]] = True
-        rate = problem.holding(mask)
-        best_rate = rate if k == problem.num_units else best_rate
-        if rate >= target:
+        reached, rate = problem.reaches(mask, target)
+        if reached:
             return mask.clone(), rate
-    return mask.clone(), best_rate
+    return mask.clone(), problem.holding(mask)
 
 
 class Strategy(ABC):

@@ -76,7 +76,7 @@ class GreedyBackwardElimination(Strategy):
             else:
                 for i in order[: 1 + self.retries]:
                     verifications += 1
-                    if problem.holding(without(cands[i])) >= target:
+                    if problem.reaches(without(cands[i]), target)[0]:
                         chosen = cands[i]
                         break
             if chosen is None:
