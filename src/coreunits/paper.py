@@ -21,6 +21,8 @@ COEFFICIENTS: dict[tuple[str, str], dict[str, float]] = {
     ("mnist", "max1"): {"alpha": 6e-4, "lam": 3e-3, "epochs": 2},
     ("mnist", "max2"): {"alpha": 3e-4, "lam": 1.5e-3, "epochs": 4},
     ("mnist", "input"): {"alpha": 2e-4, "lam": 1e-3, "epochs": 2},
+    ("cifar10", "max1"): {"alpha": 3e-3, "lam": 1.5e-2, "epochs": 2},
+    ("cifar10", "max2"): {"alpha": 2.2e-3, "lam": 1.1e-2, "epochs": 4},
 }
 
 
