@@ -15,20 +15,20 @@ from torch import Tensor, nn
 
 __all__ = [
     "BasicBlock",
+    "BranchyHead",
+    "ControlFlowNet",
+    "DictOutputNet",
+    "InvertedResidual",
+    "LeafControlFlowNet",
     "ResNet",
+    "TupleOutputNet",
+    "image_data",
+    "mobilenet_v2_small",
     "resnet18",
     "spread_classes",
-    "image_data",
-    "vgg_small",
-    "InvertedResidual",
-    "mobilenet_v2_small",
-    "tabular_mlp",
     "tabular_data",
-    "DictOutputNet",
-    "TupleOutputNet",
-    "ControlFlowNet",
-    "BranchyHead",
-    "LeafControlFlowNet",
+    "tabular_mlp",
+    "vgg_small",
 ]
 
 

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from archs import (
     ControlFlowNet,
     DictOutputNet,
@@ -32,7 +30,18 @@ from archs import (
     vgg_small,
 )
 from conftest import assert_same_state, model_state
-from coreunits import ActivationCache, CoreUnitsError, CoreUnits, LayerNotFoundError, ModelOutputError, find_core_units, holding_rate, mask_units
+from torch import nn
+
+from coreunits import (
+    ActivationCache,
+    CoreUnits,
+    CoreUnitsError,
+    LayerNotFoundError,
+    ModelOutputError,
+    find_core_units,
+    holding_rate,
+    mask_units,
+)
 
 # Short, aggressive optimisation: enough steps for gates to cross 0.5, few enough for CI.
 FAST: dict[str, Any] = {"epochs": 1, "min_steps": 30, "lr": 0.3, "alpha": 0.01, "progress": False}

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import assert_same_state, model_state
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import assert_same_state, model_state
 from coreunits import find_core_units, holding_rate, mask_units
 
 QUICK = {"epochs": 1, "min_steps": 20, "lr": 0.3, "progress": False}

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, shared_data_or_skip
+
 from coreunits.cli import main
 
 

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_same_state, model_state
+from planted import PlantedNet, planted_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import assert_same_state, model_state
 from coreunits import (
     ActivationCache,
     DataError,
@@ -19,7 +20,6 @@ from coreunits import (
     holding_rate,
     mask_units,
 )
-from planted import PlantedNet, planted_data
 
 
 class Boom(Exception):

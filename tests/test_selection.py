@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planted import PlantedNet
 from torch import nn
 
 from coreunits import ActivationCache, CoreUnits, find_core_units, holding_rate, mask_units
-from planted import PlantedNet
 
 
 def test_planted_truth_recovered(planted) -> None:

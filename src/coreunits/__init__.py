@@ -24,17 +24,17 @@ from coreunits._core.stability import Stability, stability
 __version__ = "0.1.0"
 
 __all__ = [
-    "find_core_units",
-    "holding_rate",
-    "mask_units",
-    "CoreUnits",
     "ActivationCache",
-    "SelectionProblem",
-    "stability",
-    "Stability",
+    "CoreUnits",
     "CoreUnitsError",
     "DataError",
     "LayerNotFoundError",
     "ModelOutputError",
+    "SelectionProblem",
+    "Stability",
     "__version__",
+    "find_core_units",
+    "holding_rate",
+    "mask_units",
+    "stability",
 ]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "default_checkpoint"]
+__all__ = ["default_checkpoint", "main"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -32,7 +32,7 @@ from coreunits._core.result import atomic_write_text, fingerprint_of, read_recor
 from coreunits._core.strategies import Strategy
 from coreunits.report import csv_text
 
-__all__ = ["default_methods", "compare_methods", "write_comparison_report", "run"]
+__all__ = ["compare_methods", "default_methods", "run", "write_comparison_report"]
 
 #: Rows of D'_c the plotted curves are measured on (the k each method needs is exact, on all of D'_c).
 CURVE_PROBE_ROWS = 2048

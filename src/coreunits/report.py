@@ -28,7 +28,7 @@ from coreunits.paper import (
     PAPER_TABLE4,
 )
 
-__all__ = ["write_report", "SPECS"]
+__all__ = ["SPECS", "write_report"]
 
 #: What differs between the two reproductions: table names, the paper's numbers, the bar.
 SPECS: dict[str, dict[str, Any]] = {

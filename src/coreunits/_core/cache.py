@@ -26,11 +26,11 @@ from coreunits._core.errors import DataError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
 
-__all__ = ["ActivationCache", "iter_input_batches", "DEFAULT_CACHE_BUDGET"]
+__all__ = ["DEFAULT_CACHE_BUDGET", "ActivationCache", "iter_input_batches"]
 
 #: Default memory budget for cached frontier activations (bytes); override with
 #: the ``cache_budget`` argument or the ``COREUNITS_CACHE_BUDGET`` variable.
-DEFAULT_CACHE_BUDGET = int(os.environ.get("COREUNITS_CACHE_BUDGET", 2 * 1024**3))
+DEFAULT_CACHE_BUDGET = int(os.environ.get("COREUNITS_CACHE_BUDGET", str(2 * 1024**3)))
 
 
 def _first_tensor(batch: Any) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import fx, nn
 from coreunits._core.errors import CoreUnitsError, LayerNotFoundError, ModelOutputError
 from coreunits._core.layers import INPUT, LayerSpec
 
-__all__ = ["GatedModel", "apply_gate", "check_scores", "OutputFn"]
+__all__ = ["GatedModel", "OutputFn", "apply_gate", "check_scores"]
 
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -75,9 +75,8 @@ class _LeafTracer(fx.Tracer):
         name = module_qualified_name
         if name in self.gated:
             return True
-        if name == "" or any(g.startswith(name + ".") for g in self.gated):
-            return False
-        return True
+        # The root and every module on the path to a gated layer are traced; the rest stay calls.
+        return not (name == "" or any(g.startswith(name + ".") for g in self.gated))
 
 
 def _gate_call(

@@ -6,7 +6,7 @@ exception a caller would naturally catch (``ValueError``, ``LookupError``).
 
 from __future__ import annotations
 
-__all__ = ["CoreUnitsError", "LayerNotFoundError", "DataError", "ModelOutputError"]
+__all__ = ["CoreUnitsError", "DataError", "LayerNotFoundError", "ModelOutputError"]
 
 
 class CoreUnitsError(ValueError):

@@ -30,7 +30,13 @@ from coreunits._core.layers import INPUT, LayerArg, LayerSpec, resolve_layers
 from coreunits._core.objective import center_margin, center_score, refit_w_b, strict_decision
 
 __all__ = [
-    "HoldingRates", "holding_rate", "mask_units", "masked_scores", "evaluate_gates", "gates_from_masks", "removal_curve",
+    "HoldingRates",
+    "evaluate_gates",
+    "gates_from_masks",
+    "holding_rate",
+    "mask_units",
+    "masked_scores",
+    "removal_curve",
 ]
 
 MaskArg = Mapping[LayerArg, Any]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["SwitchGate", "HardConcreteGate"]
+__all__ = ["HardConcreteGate", "SwitchGate"]
 
 # Logistic noise is drawn from U(eps, 1 - eps) to keep log() finite.
 _EPS = 1e-6

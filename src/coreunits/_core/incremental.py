@@ -181,5 +181,5 @@ def build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | 
         if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
             return None
         return inc
-    except Exception:  # any structure we did not foresee: evaluate directly
+    except Exception:  # noqa: BLE001 -- any structure we did not foresee: evaluate directly
         return None

@@ -20,7 +20,7 @@ from torch import nn
 
 from coreunits._core.errors import LayerNotFoundError
 
-__all__ = ["INPUT", "LayerSpec", "LayerArg", "resolve_layers", "default_unit_dims"]
+__all__ = ["INPUT", "LayerArg", "LayerSpec", "default_unit_dims", "resolve_layers"]
 
 INPUT = "input"
 

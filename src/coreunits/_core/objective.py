@@ -24,8 +24,8 @@ __all__ = [
     "center_margin",
     "center_score",
     "phi",
-    "selection_loss",
     "refit_w_b",
+    "selection_loss",
     "strict_decision",
 ]
 

@@ -22,7 +22,7 @@ from coreunits._core.evaluation import (
     removal_curve,
 )
 
-__all__ = ["SelectionProblem", "READINGS"]
+__all__ = ["READINGS", "SelectionProblem"]
 
 #: The two readings of the holding rate (see ``_core.evaluation``).
 READINGS = ("strict", "paper")

@@ -45,7 +45,7 @@ from coreunits._core.layers import LayerArg, resolve_layers
 from coreunits._core.objective import center_margin, center_score, selection_loss
 from coreunits._core.result import CoreUnits
 
-__all__ = ["find_core_units", "DEFAULTS"]
+__all__ = ["DEFAULTS", "find_core_units"]
 
 #: Default coefficients and schedule (chosen on MNIST, see README "Method notes").
 DEFAULTS: dict[str, Any] = {

@@ -18,7 +18,7 @@ import torch
 
 from coreunits._core.problem import SelectionProblem
 
-__all__ = ["Strategy", "RankingStrategy", "StrategyResult", "smallest_top_k"]
+__all__ = ["RankingStrategy", "Strategy", "StrategyResult", "smallest_top_k"]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.strategies.base import Strategy, StrategyResult
 
-__all__ = ["SwitchGates", "HardConcreteL0"]
+__all__ = ["HardConcreteL0", "SwitchGates"]
 
 
 class SwitchGates(Strategy):
