@@ -59,3 +59,26 @@ def test_compare_accepts_a_cache_and_rejects_unknown_methods(planted) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         default_methods(include=["switch_gates", "magic"])
     assert [m.name for m in default_methods(include=["random", "switch_gates"])] == ["switch_gates", "random"]
+
+
+@pytest.mark.slow
+def test_compare_command_on_mnist(tmp_path) -> None:
+    """`coreunits compare` end to end on the bundled MNIST classifier and real MNIST (two cheap methods)."""
+    from conftest import shared_data_or_skip
+
+    from coreunits.cli import main
+
+    root = shared_data_or_skip()
+    out = tmp_path / "cmp"
+    argv = ["compare", "mnist", "--layers", "max2", "--classes", "1", "--methods", "mean_activation",
+            "grad_x_activation", "--data-root", str(root), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    rows = {r["method"]: r for r in result["records"]}
+    assert set(rows) == {"mean_activation", "grad_x_activation"}
+    for r in rows.values():
+        assert r["reached"] and r["holding_rate"] >= 0.995 and 0 < r["num_units"] <= 64
+        assert r["heldout_holding_rate"] > 0.9 and r["dprime_size"] > 10_000  # D'_c from the 60k training digits
+    text = (out / "report.md").read_text()
+    assert "coreunits compare mnist --layers max2 --classes 1 --target 0.995" in text
+    assert (out / "comparison.png").is_file()
