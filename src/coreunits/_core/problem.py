@@ -162,12 +162,3 @@ class SelectionProblem:
         """
         return removal_curve(self.cache, self.rows, self.layer, ranking.flatten().float().to(self.cache.device),
                              self.target_class, ks)
-
-    def reading_of(self, record: dict[str, float]) -> float:
-        """The holding rate of a curve record in this problem's reading."""
-        return record["holding_rate_strict"] if self.reading == "strict" else record["holding_rate"]
-
-    def smallest_k(self, curve: list[dict[str, float]], target: float) -> int | None:
-        """Smallest k on ``curve`` whose holding rate reaches ``target`` (None if none does)."""
-        ok = [int(r["units"]) for r in curve if self.reading_of(r) >= target]
-        return min(ok) if ok else None

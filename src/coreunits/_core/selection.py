@@ -383,6 +383,7 @@ def _find_for_target(
     lam0 = float(options["lam"])
     attempts: list[dict[str, Any]] = []
     best: CoreUnits | None = None
+    best_rate = -1.0
     for attempt in range(calibration_runs):
         factor = _ALPHA_STEP ** -attempt
         opts = dict(options, lam=lam0 * factor)
@@ -390,10 +391,10 @@ def _find_for_target(
         rate = res.holding_rate_strict if reading == "strict" else res.holding_rate
         attempts.append({"alpha": _scaled(alpha, factor), "lam": lam0 * factor,
                          "units": sum(res.num_units.values()), "holding_rate": rate, "seconds": res.seconds})
-        if best is None or rate > (best.holding_rate_strict if reading == "strict" else best.holding_rate):
-            best = res
+        # Keep the run that holds best; the first that reaches the target ends the search.
+        if rate > best_rate or rate >= target:
+            best, best_rate = res, rate
         if rate >= target:
-            best = res
             break
     assert best is not None
     gen = torch.Generator().manual_seed(options["seed"])

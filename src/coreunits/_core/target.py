@@ -7,8 +7,7 @@ Two steps answer it without the user tuning alpha:
 1. Calibrate: run the selection; while its rounded mask misses the target,
    lower alpha (unit cost) and run again, up to ``calibration_runs`` times.
    Only this direction needs new optimisations: a mask with too many units
-   is fixed far more cheaply by step 2 (measured on MNIST: a refinement pass
-   costs a fraction of one optimisation).
+   is fixed by step 2, one evaluation per kept unit, without optimising again.
 2. Refine the rounded mask against the exact hard-mask holding rate: add back
    the unit that raises the holding rate most while the target is missed,
    then try dropping each kept unit, lowest gate first, keeping each drop
@@ -19,7 +18,7 @@ Holding rates are judged on D'_c with the hard mask, in the requested reading.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +136,3 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
     out.mask, out.holding_rate = mask, rate
     return out
 
-
-def split_mask(mask: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """Per-layer pieces of a concatenated mask."""
-    return list(mask.split(list(sizes)))
