@@ -6,6 +6,7 @@ JSON line per measurement. Absolute seconds vary between machines; the ratios
 the gated layer over the same D'_c) are what to compare.
 
     python benchmarks/run.py --data-root ../shared/data --threads 2 [--out benchmarks/RESULTS.md]
+    python benchmarks/run.py --data-root ../shared/data --device cuda --out benchmarks/RESULTS-cuda.md
 
 Variants:
 - fast: the default path (prefix cached once per layer and reused across classes,
@@ -37,16 +38,39 @@ from coreunits.paper import coefficients
 from coreunits.train import load_model
 
 
+def _sync() -> None:
+    # CUDA kernels run asynchronously: without a sync the clock stops before the work does.
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Any) -> tuple[Any, float]:
+    _sync()
     t0 = time.perf_counter()
     out = fn()
+    _sync()
     return out, time.perf_counter() - t0
 
 
 def floor_seconds(cache: ActivationCache, rows: torch.Tensor, repeats: int = 3) -> float:
     """Median time of one gated-suffix forward pass (all gates on) over ``rows``."""
-    ones = [torch.ones(s.num_units) for s in cache.specs]
+    ones = [torch.ones(s.num_units, device=cache.device) for s in cache.specs]
     return statistics.median(_timed(lambda: masked_scores(cache, rows, ones))[1] for _ in range(repeats))
+
+
+def write_section(path: Path, label: str, lines: list[str]) -> None:
+    """Replace (or append) this device's section of the results file, keeping the others and any prose."""
+    begin, end = f"<!-- benchmark: {label} -->", f"<!-- end benchmark: {label} -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = "\n".join([begin, *lines, end])
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: an interrupted run leaves the old file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload-runs", type=int, default=3, help="runs per class in the Table 1 workload")
     p.add_argument("--skip-workload", action="store_true")
     p.add_argument("--out", default=None, help="also write a markdown table here")
+    p.add_argument("--device", default="cpu", help="where selections run, e.g. cuda (default: cpu)")
     args = p.parse_args(argv)
+    dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     model = load_model(default_checkpoint("mnist"), "mnist")
     data, source = get_mnist(args.data_root, train=True, allow_sample=False)
@@ -68,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         rows_out.append(rec)
         print(json.dumps(rec), flush=True)
 
+    if dev.type == "cuda":
+        # The first CUDA selection pays for context creation and kernel loading; keep it out of the timings.
+        few = torch.utils.data.TensorDataset(*(t[:2000] for t in data.tensors))
+        warm = ActivationCache(model, "max2", few, device=dev)
+        find_core_units(model, "max2", 0, warm, seed=0, progress=False, epochs=1)
+        del warm
     workload_fast = 0.0
     naive_per_selection: list[float] = []
     fast_per_selection: list[float] = []
     for layer in ("max1", "max2"):
         coef = coefficients("mnist", [layer])
-        cache, t_cache = _timed(lambda: ActivationCache(model, layer, data, batch_size=1000))
+        cache, t_cache = _timed(lambda: ActivationCache(model, layer, data, batch_size=1000, device=dev))
         per_ex = cache.per_example_frontier_bytes()
         emit({"layer": layer, "variant": "cache", "seconds": t_cache, "cache_bytes": cache.frontier_bytes(),
               "bytes_per_input": per_ex, "inputs": len(cache)})
@@ -88,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                   "holding_rate": res.holding_rate, "steps": res.settings["steps_run"], "dprime": len(rows)})
             if c in args.naive_classes:
                 naive, t_naive = _timed(lambda: find_core_units(
-                    model, layer, c, data, seed=0, progress=False, engine="hooks", patience=10**9, **coef))
+                    model, layer, c, data, seed=0, progress=False, engine="hooks", patience=10**9, device=dev, **coef))
                 naive_per_selection.append(t_naive)
                 emit({"layer": layer, "class": c, "variant": "naive", "seconds": t_naive, "floor_seconds": floor,
                       "ratio_to_floor": t_naive / floor, "ratio_to_fast": t_naive / t_fast,
                       "units": naive.num_units[layer], "holding_rate": naive.holding_rate,
                       "same_units_as_fast": naive.units == res.units, "steps": naive.settings["steps_run"]})
-                small = ActivationCache(model, layer, data, batch_size=1000, cache_budget=per_ex * 100)
+                small = ActivationCache(model, layer, data, batch_size=1000, cache_budget=per_ex * 100, device=dev)
                 b, t_budget = _timed(lambda: find_core_units(model, layer, c, small, seed=0, progress=False, **coef))
                 emit({"layer": layer, "class": c, "variant": "budget", "cache_budget": per_ex * 100,
                       "cached": small.cached, "seconds": t_budget, "floor_seconds": floor,
@@ -111,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         n = 0
         for layer in ("max1", "max2"):
             coef = coefficients("mnist", [layer])
-            cache = ActivationCache(model, layer, data, batch_size=1000)
+            cache = ActivationCache(model, layer, data, batch_size=1000, device=dev)
             for c in range(10):
                 for r in range(args.workload_runs):
                     find_core_units(model, layer, c, cache, seed=r, progress=False, **coef)
@@ -124,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
               "speedup_vs_naive": naive_extrapolated / workload_fast})
 
     if args.out:
+        label = f"CUDA {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else f"CPU, {args.threads} threads"
         lines = [
-            "# Benchmark results", "",
-            f"`python benchmarks/run.py --threads {args.threads}` on {source}; "
-            f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}.", "",
+            f"## {label}", "",
+            f"`python benchmarks/run.py --threads {args.threads} --device {args.device}` on {source}; "
+            f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.", "",
             "| layer | class | variant | seconds | floor s | ratio to floor | ratio to fast | notes |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -137,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                      ("layer", "class", "variant", "seconds", "floor_seconds", "ratio_to_floor", "ratio_to_fast")}
             lines.append(
                 f"| {r.get('layer', '')} | {r.get('class', '')} | {r['variant']} | {r['seconds']:.2f} | "
-                f"{r.get('floor_seconds', float('nan')):.2f} | {r.get('ratio_to_floor', float('nan')):.2f} | "
+                f"{r.get('floor_seconds', float('nan')):.3f} | {r.get('ratio_to_floor', float('nan')):.2f} | "
                 f"{r.get('ratio_to_fast', float('nan')):.2f} | {json.dumps(notes)} |")
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        write_section(Path(args.out), label, lines)
     return 0
 
 
