@@ -8,7 +8,7 @@ from planted import PlantedNet
 
 from coreunits import ActivationCache, find_core_units
 from coreunits._core.stability import stability
-from coreunits._core.target import refine_mask
+from coreunits._core.target import Judge, probe_score, refine_mask
 
 
 def _judge_needs(required: set[int], extra_bonus: dict[int, float] | None = None):
@@ -46,6 +46,44 @@ def test_refine_reports_failure_when_no_mask_reaches_the_target() -> None:
     assert out.holding_rate < 0.9 and bool(out.mask.all())
 
 
+def _substitute_judge() -> Judge:
+    """Unit 2 alone keeps every decision, and so do units 0 and 1 together; the probe knows 2 matters most."""
+
+    def holding(mask: torch.Tensor) -> float:
+        kept = set(torch.nonzero(mask).flatten().tolist())
+        return 1.0 if 2 in kept or {0, 1} <= kept else 0.5
+
+    return Judge(holding, probe=lambda m: (holding(m), 0.1 * float(m[2])))
+
+
+def test_least_harm_drops_find_a_smaller_set_than_gate_order() -> None:
+    # Unit 2 has the lowest gate, so gate order drops it first and is left with {0, 1};
+    # least harm keeps it (its removal scores worst on the probe) and ends with {2}.
+    gates = torch.tensor([0.9, 0.8, 0.1, 0.5])
+    mask = torch.ones(4, dtype=torch.bool)
+    by_gate = refine_mask(_substitute_judge(), mask, gates, target=0.99, drop_order="gate")
+    assert torch.nonzero(by_gate.mask).flatten().tolist() == [0, 1]
+    least = refine_mask(_substitute_judge(), mask, gates, target=0.99)
+    assert torch.nonzero(least.mask).flatten().tolist() == [2]
+    assert least.dropped == [3, 1, 0] and least.holding_rate == 1.0
+    assert least.probe_evaluations == 4 + 3 + 2 + 1
+    assert least.to_dict()["drop_order"] == "least_harm"
+    with pytest.raises(ValueError, match="drop_order"):
+        refine_mask(_substitute_judge(), mask, gates, target=0.99, drop_order="random")
+
+
+def test_probe_score_counts_kept_decisions_and_orders_by_margin() -> None:
+    original = torch.tensor([True, True, False])
+    # Class 0: rows 0 and 1 were predicted 0, row 2 was not.
+    kept_all = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    one_flipped = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    narrower = torch.tensor([[0.5, 0.0], [0.2, 0.0], [0.0, 0.1]])
+    assert probe_score(kept_all, original, 0)[0] == 1.0
+    assert probe_score(one_flipped, original, 0)[0] == pytest.approx(2 / 3)
+    assert probe_score(narrower, original, 0)[0] == 1.0
+    assert probe_score(narrower, original, 0)[1] < probe_score(kept_all, original, 0)[1]
+
+
 def test_target_mode_recovers_planted_units_and_reports_before_after(planted) -> None:
     model, x = planted
     r = find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99)
@@ -53,7 +91,13 @@ def test_target_mode_recovers_planted_units_and_reports_before_after(planted) ->
     t = r.settings["target"]
     assert t["reached"] and t["units_after"] == 2 and t["holding_rate_after"] >= 0.99
     assert r.holding_rate_strict == pytest.approx(t["holding_rate_after"])
-    assert {"units_before", "holding_rate_before", "calibration", "evaluations"} <= set(t)
+    assert {"units_before", "holding_rate_before", "calibration", "evaluations", "probe_evaluations"} <= set(t)
+    assert t["drop_order"] == "least_harm"
+    by_gate = find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99, drop_order="gate")
+    assert by_gate.units["feat"] == PlantedNet.TRUE_UNITS
+    assert by_gate.settings["target"]["drop_order"] == "gate"
+    with pytest.raises(ValueError, match="drop_order"):
+        find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99, drop_order="best")
 
 
 def test_target_mode_lowers_alpha_when_the_first_try_misses(planted) -> None:

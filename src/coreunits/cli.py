@@ -112,7 +112,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
         batch_size=args.batch_size, seed=args.seed,
         positives_only=args.positives_only, progress=not args.no_progress,
-        target_holding_rate=args.target, reading=args.reading,
+        target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order,
     )
     print(f"data: {source}")
     if "target" in r.settings:
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target mode: the fewest units whose holding rate on D'_c reaches this (e.g. 0.995)")
     p.add_argument("--reading", choices=["strict", "paper"], default="strict",
                    help="holding-rate reading the target is judged in (default: strict)")
+    p.add_argument("--drop-order", choices=["least_harm", "gate"], default="least_harm",
+                   help="how --target drops units after calibration (default: least harm on a probe)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_find)
 
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--runs", type=int, default=3, help="optimisations per (layer, class)")
     p.add_argument("--quick", action="store_true", help="a small subset, for smoke tests")
+    p.add_argument("--device", default=None, help="where to select, e.g. cuda (default: cpu)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("compare", help="compare unit-selection methods at a target holding rate, with a report",

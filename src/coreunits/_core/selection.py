@@ -140,6 +140,7 @@ def find_core_units(
     target_holding_rate: float | None = None,
     reading: str = "strict",
     calibration_runs: int = 4,
+    drop_order: str = "least_harm",
 ) -> CoreUnits:
     """Find the core units of ``model`` for ``target_class`` in ``layers``.
 
@@ -191,11 +192,15 @@ def find_core_units(
             rate on D'_c reaches this value. alpha is lowered automatically while
             the rounded mask misses the target (``alpha`` is the first try), then
             the mask is refined (add back the most useful unit while the target is
-            missed, drop units lowest gate first while it holds). Before/after
-            figures are in ``settings["target"]``.
+            missed, then drop units while it holds). Before/after figures are
+            in ``settings["target"]``.
         reading: the holding-rate reading the target is judged in: ``"strict"``
             (argmax decision unchanged) or ``"paper"`` (center classifier).
         calibration_runs: most optimisations target mode runs.
+        drop_order: how target mode drops units: ``"least_harm"`` (greedy
+            backward elimination within the calibrated set, candidates ranked on
+            a probe of D'_c, each drop verified on all of it) or ``"gate"``
+            (lowest gate first, one pass). See ``coreunits._core.target``.
 
     Returns:
         A :class:`CoreUnits` with units, gates, masks and both holding rates on D'_c.
@@ -217,6 +222,8 @@ def find_core_units(
         raise ValueError(f"reading must be 'strict' or 'paper', got {reading!r}")
     if target_holding_rate is not None and not 0.0 < target_holding_rate <= 1.0:
         raise ValueError(f"target_holding_rate must be in (0, 1], got {target_holding_rate}")
+    if drop_order not in ("least_harm", "gate"):
+        raise ValueError(f"drop_order must be 'least_harm' or 'gate', got {drop_order!r}")
     cache = _as_cache(model, layers, data, batch_size, output_fn, unit_dim, device, engine, progress)
     target_class = check_class(target_class, cache.num_classes)
     if target_holding_rate is not None:
@@ -227,7 +234,7 @@ def find_core_units(
             "relaxation": relaxation,
         }
         return _find_for_target(model, layers, target_class, cache, alpha, options, float(target_holding_rate),
-                                reading, calibration_runs, t0)
+                                reading, calibration_runs, drop_order, t0)
     dev = cache.device
     index_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
@@ -373,6 +380,7 @@ def _find_for_target(
     target: float,
     reading: str,
     calibration_runs: int,
+    drop_order: str,
     t0: float,
 ) -> CoreUnits:
     """Target mode: calibrate alpha downwards until the target is met, then refine (see ``_core.target``)."""
@@ -399,11 +407,11 @@ def _find_for_target(
     assert best is not None
     gen = torch.Generator().manual_seed(options["seed"])
     dprime = build_dprime(cache.predictions, target_class, generator=gen, positives_only=options["positives_only"])
-    judge = mask_judge(cache, dprime, target_class, reading)
+    judge = mask_judge(cache, dprime, target_class, reading, seed=options["seed"])
     specs = cache.specs
     mask = torch.cat([best.masks[s.name].flatten() for s in specs])
     values = torch.cat([best.gates[s.name].flatten() for s in specs])
-    refined = refine_mask(judge, mask, values, target)
+    refined = refine_mask(judge, mask, values, target, drop_order)
     pieces = refined.mask.split([s.num_units for s in specs])
     final = evaluate_gates(cache, dprime.index, [p.float().to(cache.device) for p in pieces], target_class)
     units = {s.name: torch.nonzero(p).flatten().tolist() for s, p in zip(specs, pieces)}

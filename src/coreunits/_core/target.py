@@ -10,8 +10,17 @@ Two steps answer it without the user tuning alpha:
    is fixed by step 2, one evaluation per kept unit, without optimising again.
 2. Refine the rounded mask against the exact hard-mask holding rate: add back
    the unit that raises the holding rate most while the target is missed,
-   then try dropping each kept unit, lowest gate first, keeping each drop
-   that leaves the target met.
+   then drop units while the target still holds. ``drop_order="least_harm"``
+   (the default) drops, at each step, the kept unit whose removal harms a
+   fixed random probe of D'_c least (probe holding rate, ties broken by the
+   mean log-sigmoid decision margin), verified on all of D'_c; it is greedy
+   backward elimination restricted to the calibrated set. ``"gate"`` tries each
+   kept unit once, lowest gate first (the optimiser's own estimate).
+
+Measured on the paper's MNIST classifier, max2, classes 0-2 at 99.5% (strict):
+dropping lowest gate first left 11, 5 and 11 units; least-harm drops from the
+same calibrated sets (19, 8 and 23 units) left 8, 5 and 10, in 1-10 s per class,
+where greedy elimination over all 64 units found 7, 6 and 16 in about 170 s.
 
 Holding rates are judged on D'_c with the hard mask, in the requested reading.
 """
@@ -23,20 +32,52 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime
-from coreunits._core.evaluation import evaluate_gates
+from coreunits._core.evaluation import _original_decisions, evaluate_gates, masked_scores
 
-__all__ = ["Judge", "Refinement", "mask_judge", "refine_mask"]
+__all__ = ["DROP_ORDERS", "PROBE_ROWS", "Judge", "Refinement", "mask_judge", "probe_score", "refine_mask"]
+
+#: How the refinement picks the next unit to drop (see the module docstring).
+DROP_ORDERS = ("least_harm", "gate")
+
+#: Rows of D'_c on which least-harm drops are ranked (each drop is verified on all of D'_c).
+PROBE_ROWS = 2048
+
+
+def probe_score(scores: torch.Tensor, original: torch.Tensor, target_class: int) -> tuple[float, float]:
+    """How well masked scores keep the decisions: (share kept, mean log-sigmoid signed margin).
+
+    The margin is score_c minus the best other score, signed so that it is
+    positive when the input keeps its original decision; its mean log-sigmoid
+    separates masks that keep the same number of decisions (a probe of a few
+    thousand rows ties often near a 99.5% target).
+    """
+    other = scores.clone()
+    other[:, target_class] = float("-inf")
+    margin = scores[:, target_class] - other.max(dim=1).values
+    signed = torch.where(original.to(margin.device), margin, -margin)
+    return float((signed > 0).float().mean()), float(F.logsigmoid(signed).mean())
+
 
 class Judge:
-    """Holding rate of a bool mask over all gated units (concatenated), and an early-exit test."""
+    """Holding rate of a bool mask over all gated units (concatenated), an early-exit test and a probe score.
+
+    Args:
+        holding: the holding rate of a mask on all of D'_c.
+        reaches: an early-exit test ``(mask, target) -> (reached, rate or bound)``.
+        probe: a cheap score of a mask on a probe of D'_c, higher = keeps more
+            decisions (see :func:`probe_score`); without it drops follow gate order.
+    """
 
     def __init__(self, holding: Callable[[torch.Tensor], float],
-                 reaches: Callable[[torch.Tensor, float], tuple[bool, float]] | None = None) -> None:
+                 reaches: Callable[[torch.Tensor, float], tuple[bool, float]] | None = None,
+                 probe: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> None:
         self.holding = holding
         self._reaches = reaches
+        self.probe = probe
 
     def reaches(self, mask: torch.Tensor, target: float) -> tuple[bool, float]:
         """(holding rate >= target, the rate or a bound on it)."""
@@ -57,56 +98,80 @@ class Refinement:
     added: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     evaluations: int = 0
+    probe_evaluations: int = 0
+    drop_order: str = "least_harm"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "units_before": self.units_before, "holding_rate_before": self.holding_before,
             "units_after": int(self.mask.sum()), "holding_rate_after": self.holding_rate,
             "added": self.added, "dropped": self.dropped, "evaluations": self.evaluations,
+            "probe_evaluations": self.probe_evaluations, "drop_order": self.drop_order,
         }
 
 
-def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, reading: str) -> Judge:
+def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, reading: str,
+               probe_rows: int = PROBE_ROWS, seed: int = 0) -> Judge:
     """Holding rate (one reading) of a mask over all the cache's layers' units, concatenated.
 
     A single gated layer uses :class:`SelectionProblem`'s sparse fast path;
-    several layers are evaluated directly.
+    several layers are evaluated directly. The probe score is computed on
+    ``probe_rows`` rows of D'_c drawn with ``seed`` (all of D'_c when it is smaller).
     """
     sizes = [s.num_units for s in cache.specs]
+    n = dprime.index.numel()
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:probe_rows] if probe_rows < n else None
+    probe_rows_idx = dprime.index if pick is None else dprime.index[pick]
+    probe_original = _original_decisions(cache, probe_rows_idx, target_class)
+
+    def split(mask: torch.Tensor) -> list[torch.Tensor | None]:
+        return [m.float().to(cache.device) for m in mask.split(sizes)]
+
     if len(sizes) == 1:
         from coreunits._core.problem import SelectionProblem
 
         problem = SelectionProblem(cache, cache.specs[0].name, target_class, reading=reading, dprime=dprime)
-        return Judge(problem.holding, problem.reaches)
+        return Judge(problem.holding, problem.reaches,
+                     lambda m: probe_score(problem.scores(m, probe_rows_idx), probe_original, target_class))
 
     def holding(mask: torch.Tensor) -> float:
-        gates: list[torch.Tensor | None] = [m.float().to(cache.device) for m in mask.split(sizes)]
-        r = evaluate_gates(cache, dprime.index, gates, target_class)
+        r = evaluate_gates(cache, dprime.index, split(mask), target_class)
         return r.strict if reading == "strict" else r.paper
 
-    return Judge(holding)
+    return Judge(holding, probe=lambda m: probe_score(
+        masked_scores(cache, probe_rows_idx, split(m)), probe_original, target_class))
 
 
-def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tensor, gate_values: torch.Tensor, target: float) -> Refinement:
+def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tensor, gate_values: torch.Tensor,
+                target: float, drop_order: str = "least_harm") -> Refinement:
     """Add back, then drop, units of a rounded mask against the target holding rate.
 
     Args:
         judge: holding rate of a bool mask (all layers' units concatenated), or a
-            :class:`Judge` (whose early-exit test makes rejected drops cheap).
+            :class:`Judge` (whose early-exit test makes rejected drops cheap, and
+            whose probe score ranks least-harm drops).
         mask: the rounded mask (True = kept).
-        gate_values: the gates' values, same length: the order to try units in.
+        gate_values: the gates' values, same length: the order to try units in
+            (``"gate"``), and the tie-break of equal probe scores.
         target: the holding rate to keep.
+        drop_order: ``"least_harm"`` (repeatedly drop the unit whose removal
+            scores best on the probe, if the target still holds on all of D'_c;
+            when it does not, the next best is tried) or ``"gate"`` (one pass,
+            lowest gate first). Without a probe score, least-harm uses gate order
+            in each round.
 
     Returns:
         The refined mask with its holding rate, and what changed. When no mask
         reaches the target, the result keeps every unit that was added.
     """
+    if drop_order not in DROP_ORDERS:
+        raise ValueError(f"drop_order must be one of {DROP_ORDERS}, got {drop_order!r}")
     if not isinstance(judge, Judge):
         judge = Judge(judge)
     mask = mask.flatten().bool().cpu().clone()
     values = gate_values.flatten().float().cpu()
     rate = judge.holding(mask)
-    out = Refinement(mask, rate, int(mask.sum()), rate, evaluations=1)
+    out = Refinement(mask, rate, int(mask.sum()), rate, evaluations=1, drop_order=drop_order)
     # Add back: each round adds the unit that raises the holding rate most.
     while rate < target and not bool(mask.all()):
         best_j, best_rate = -1, -1.0
@@ -120,7 +185,9 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
         mask[best_j] = True
         rate = best_rate
         out.added.append(best_j)
-    if rate >= target:
+    if rate >= target and drop_order == "least_harm":
+        mask, rate = _drop_least_harm(judge, mask, rate, values, target, out)
+    elif rate >= target:
         # Drop: lowest gate first (the optimiser's own estimate of what matters least).
         kept = torch.nonzero(mask).flatten()
         for j in kept[torch.argsort(values[kept], stable=True)].tolist():
@@ -136,3 +203,32 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
     out.mask, out.holding_rate = mask, rate
     return out
 
+
+
+def _drop_least_harm(judge: Judge, mask: torch.Tensor, rate: float, values: torch.Tensor, target: float,
+                     out: Refinement) -> tuple[torch.Tensor, float]:
+    """Greedy backward elimination within ``mask``: drop the least harmful unit while the target holds."""
+    while bool(mask.any()):
+        kept = torch.nonzero(mask).flatten()
+        kept = kept[torch.argsort(values[kept], stable=True)]  # lowest gate first among equal scores
+        candidates = kept.tolist()
+        if judge.probe is not None:
+            scores = []
+            for j in candidates:
+                trial = mask.clone()
+                trial[j] = False
+                scores.append(judge.probe(trial))
+            out.probe_evaluations += len(candidates)
+            candidates = [j for _, j in sorted(zip(scores, candidates), key=lambda t: t[0], reverse=True)]
+        for j in candidates:
+            trial = mask.clone()
+            trial[j] = False
+            reached, r = judge.reaches(trial, target)
+            out.evaluations += 1
+            if reached:
+                mask, rate = trial, r
+                out.dropped.append(j)
+                break
+        else:
+            break  # no single unit can go: the set is minimal
+    return mask, rate

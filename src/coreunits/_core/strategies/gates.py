@@ -15,7 +15,8 @@ class SwitchGates(Strategy):
     """The paper's switch gates; with a target, coreunits' target mode (calibrate + refine).
 
     Args:
-        relaxation: ``"switch"`` (the paper's) or ``"hard_concrete"``.
+        drop_order: how target mode's refinement drops units (``"least_harm"`` or
+            ``"gate"``, see :func:`find_core_units`).
         **options: keyword arguments for :func:`find_core_units` (``alpha``,
             ``lam``, ``epochs``, ...); the library defaults otherwise.
     """
@@ -23,7 +24,8 @@ class SwitchGates(Strategy):
     name = "switch_gates"
     relaxation = "switch"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, drop_order: str = "least_harm", **options: Any) -> None:
+        self.drop_order = drop_order
         self.options = options
 
     def run(self, problem: SelectionProblem, target: float | None) -> StrategyResult:
@@ -36,7 +38,7 @@ class SwitchGates(Strategy):
         res = find_core_units(
             cache.user_model, problem.layer, problem.target_class, cache, seed=problem.seed, progress=False,
             positives_only=problem.dprime.num_negative == 0, relaxation=self.relaxation,
-            target_holding_rate=target, reading=problem.reading, **self.options,
+            target_holding_rate=target, reading=problem.reading, drop_order=self.drop_order, **self.options,
         )
         mask = res.masks[problem.layer].flatten().bool()
         rate = res.holding_rate_strict if problem.reading == "strict" else res.holding_rate
