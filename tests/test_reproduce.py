@@ -65,3 +65,17 @@ def test_reproduce_cifar10_quick_end_to_end(tmp_path: Path) -> None:
     assert results["fig6b"]["num_units"] == results["table3"][0]["num_units"]
     report = (out / "report.md").read_text()
     assert "Table 3(a): max1 (64 units)" in report and "| airplane | 1 |" in report
+
+
+def test_coefficients_table_and_checkpoint_overrides() -> None:
+    from coreunits.paper import COEFFICIENTS, coefficients
+
+    table = COEFFICIENTS[("cifar10", "max2")]
+    assert coefficients("cifar10", ["max2"]) == dict(table)
+    # A checkpoint tuned on its own carries per-layer settings that replace the table's.
+    override = {"max2": {"alpha": 1e-3, "lam": 5e-3, "epochs": 3}}
+    assert coefficients("cifar10", ["max2"], override) == override["max2"]
+    both = coefficients("cifar10", ["max1", "max2"], override)
+    assert both["alpha"] == {"max1": COEFFICIENTS[("cifar10", "max1")]["alpha"], "max2": 1e-3}
+    assert both["lam"] == min(COEFFICIENTS[("cifar10", "max1")]["lam"], 5e-3)
+    assert both["epochs"] == max(int(COEFFICIENTS[("cifar10", "max1")]["epochs"]), 3)

@@ -9,7 +9,7 @@ the numbers printed in the paper, typed in by hand for comparison only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from coreunits._core.selection import DEFAULTS
@@ -26,16 +26,25 @@ COEFFICIENTS: dict[tuple[str, str], dict[str, float]] = {
 }
 
 
-def coefficients(model: str, layers: Sequence[str]) -> dict[str, Any]:
+def coefficients(model: str, layers: Sequence[str],
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Keyword arguments (alpha, lam, epochs) for selecting ``layers`` of the paper's ``model``.
 
     With several layers, alpha is a per-layer dict, lam the smallest and
     epochs the largest of the layers' settings. Unknown layers get the
     library defaults.
+
+    Args:
+        model: ``"mnist"`` or ``"cifar10"``.
+        layers: the gated layers.
+        overrides: per-layer settings that replace the table's, e.g. the
+            ``"coefficients"`` a checkpoint's metadata carries when its classifier
+            was tuned separately (a longer-trained one needs other values).
     """
-    found = {layer: COEFFICIENTS.get((model, layer)) for layer in layers}
+    given = overrides or {}
+    found = {layer: given.get(layer) or COEFFICIENTS.get((model, layer)) for layer in layers}
     default = {"alpha": DEFAULTS["alpha"], "lam": DEFAULTS["lam"], "epochs": DEFAULTS["epochs"]}
-    per = {layer: (c if c is not None else default) for layer, c in found.items()}
+    per = {layer: (dict(c) if c is not None else default) for layer, c in found.items()}
     if len(per) == 1:
         return dict(next(iter(per.values())))
     return {

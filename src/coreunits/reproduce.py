@@ -97,8 +97,8 @@ def _random_subset_rates(cache: ActivationCache, rows: torch.Tensor, k: int, tot
 
 
 def _do(work: Work, model: torch.nn.Module, cache: ActivationCache, model_name: str,
-        fingerprint: str) -> dict[str, Any]:
-    coef = coefficients(model_name, list(work.layers))
+        fingerprint: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    coef = coefficients(model_name, list(work.layers), overrides)
     layers = list(work.layers) if len(work.layers) > 1 else work.layers[0]
     res = find_core_units(model, layers, work.target_class, cache, seed=work.seed, progress=False,
                           positives_only=work.positives_only, **coef)
@@ -150,6 +150,7 @@ def run_dataset(
     runs: int = 3,
     quick: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the reproduction of ``dataset`` ("mnist" or "cifar10") into ``out``.
 
@@ -161,6 +162,9 @@ def run_dataset(
         runs: optimisations per (layer, class) for Tables 1 and 2 (Fig. 4 uses 5).
         quick: classes 0 and 1, one run, D'_c from (part of) the test split: a smoke test.
         progress: progress bars.
+        device: where to select (e.g. ``"cuda"``); default the checkpoint's (CPU).
+            The checkpoint's metadata may carry per-layer ``"coefficients"``
+            that replace the paper's settings for that classifier.
 
     Returns:
         The gathered results (also written to ``out/results.json``).
@@ -176,6 +180,8 @@ def run_dataset(
     t_start = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else default_checkpoint(dataset)
     model = load_model(ckpt, dataset)
+    meta = read_metadata(ckpt)
+    overrides = meta.get("coefficients")
     # The paper optimises on the training data; --quick uses the (smaller) test split.
     if dataset == "mnist":
         data, source = get_mnist(data_root, train=not quick, allow_sample=quick)
@@ -187,7 +193,7 @@ def run_dataset(
     settings = {
         "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16],
         "data": source.split(" from ")[0].split(" (")[0] + f" n={len(data)}",
-        "coefficients": {k: coefficients(dataset, [k]) for k in ("max1", "max2", "input")},
+        "coefficients": {k: coefficients(dataset, [k], overrides) for k in ("max1", "max2", "input")},
         "quick": quick,
         # Results made by another version or other selection defaults are redone.
         "version": __version__,
@@ -211,11 +217,11 @@ def run_dataset(
     try:
         for layers, group in _groups(todo):
             t0 = time.perf_counter()
-            cache = ActivationCache(model, list(layers), data, batch_size=1000, progress=progress)
+            cache = ActivationCache(model, list(layers), data, batch_size=1000, progress=progress, device=device)
             cache_seconds += time.perf_counter() - t0
             for w in group:
                 bar.set_postfix_str(w.key)
-                record = _do(w, model, cache, dataset, fingerprint)
+                record = _do(w, model, cache, dataset, fingerprint, overrides)
                 atomic_write_text(runs_dir / f"{w.key}.json", json.dumps(record))
                 records[w.key] = record
                 bar.update(1)
@@ -233,7 +239,6 @@ def run_dataset(
         "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
     atomic_write_text(timing_path, json.dumps(timing, indent=1))
-    meta = read_metadata(ckpt)
     results = write_report(
         out, [records[w.key] for w in works], dataset=dataset, settings=settings, source=source, timing=timing,
         classifier={"checkpoint": ckpt.name, "test_accuracy": meta.get("test_accuracy"),
@@ -247,6 +252,6 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry for ``coreunits reproduce``."""
     out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if args.quick else ""))
     run_dataset(args.dataset, out, args.data_root, args.checkpoint, args.runs, args.quick,
-                progress=not args.no_progress)
+                progress=not args.no_progress, device=getattr(args, "device", None))
     print(f"wrote {out / 'report.md'}, {out / 'results.json'} and CSV/PNG files")
     return 0
