@@ -65,3 +65,18 @@ def test_cache_is_not_modified_by_inplace_ops_after_the_layer() -> None:
         expected = model.conv2(model.pool1(model.relu1(model.conv1(x))))
     assert torch.equal(cache.frontier[0], expected)  # negative values survive: no in-place ReLU
     assert (cache.frontier[0] < 0).any()
+
+
+def test_refit_w_b_coarse_to_fine_matches_the_full_grid_search() -> None:
+    from coreunits._core.objective import center_score, refit_w_b
+
+    grid = torch.logspace(-3, 3, 241)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        labels = (torch.rand(400, generator=g) < 0.5).float()
+        spread = float(torch.rand(1, generator=g)) * 3
+        # Positives mostly at margin 0 (c is the max), some misclassified; negatives above 0.
+        margin = torch.where(labels > 0, torch.relu(torch.randn(400, generator=g) * spread - 0.5),
+                             torch.rand(400, generator=g) * spread)
+        errors = torch.stack([((labels - center_score(margin, w)) ** 2).sum() for w in grid])
+        assert refit_w_b(margin, labels) == float(grid[int(errors.argmin())])

@@ -116,27 +116,69 @@ class IncrementalCurve:
         return torch.cat(out)
 
     def scores(self, rows: torch.Tensor, order: torch.Tensor, ks: Sequence[int],
-               batch_size: int = 1024) -> dict[int, torch.Tensor]:
-        """Scores ``(len(rows), H)`` for each k in ``ks``, keeping units ``order[:k]``."""
-        total = self.spec.num_units
+               batch_size: int = 1024, group: int = 1) -> dict[int, torch.Tensor]:
+        """Scores ``(len(rows), H)`` for each k in ``ks``, keeping units ``order[:k]``.
+
+        The next layer's pre-activation is built upwards from its bias, one
+        unit's contribution at a time, so all of the curve costs about one pass
+        of that layer plus the network after it once per k; the pre-activations
+        of ``group`` values of k go through the rest of the network together.
+        """
         want = set(ks)
-        low = min(ks)
+        top = max(want)
+        order_list = [int(u) for u in order.flatten()[:top].tolist()]
         out: dict[int, list[torch.Tensor]] = {k: [] for k in want}
+        lin = self.linear
         with preserved_model_state(self.cache.model), torch.inference_mode(), self.post.activated():
             for chunk in rows.split(batch_size):
                 x = self.cache.frontier_rows(chunk)[0]
                 h = self._chain(x)
-                z = self.linear(h)
-                for k in range(total, low - 1, -1):
-                    if k < total:
-                        z = z - self._contribution(x, h, int(order[k]))
+                n = h.shape[0]
+                if isinstance(lin, nn.Linear):
+                    z = (lin.bias if lin.bias is not None else h.new_zeros(lin.out_features)).expand(n, -1).clone()
+                    cols_of = self._columns(x)
+                else:
+                    # Bias-only output with the right spatial shape: one zeroed channel.
+                    z = F.conv2d(x[:, :1], torch.zeros_like(lin.weight[:, :1]), lin.bias, lin.stride,
+                                 lin.padding, lin.dilation)
+                pending: list[tuple[int, torch.Tensor]] = []
+
+                def flush() -> None:
+                    if pending:
+                        scores = self.post.suffix([torch.cat([zk for _, zk in pending])], [None])
+                        for (k, _), part in zip(pending, scores.split(n)):
+                            out[k].append(part)
+                        pending.clear()
+
+                for k in range(top + 1):
+                    if k > 0:
+                        unit = order_list[k - 1]
+                        if isinstance(lin, nn.Linear):
+                            # In place: the pending copies below are taken before z changes again.
+                            cols = cols_of[unit].to(h.device)
+                            z.addmm_(h.index_select(1, cols), lin.weight.index_select(1, cols).T)
+                        else:
+                            z = z + self._contribution(x, h, unit)
                     if k in want:
-                        out[k].append(self.post.suffix([z], [None]))
+                        pending.append((k, z.clone() if isinstance(lin, nn.Linear) and group > 1 else z))
+                        if len(pending) == group:
+                            flush()
+                flush()
         return {k: torch.cat(v) for k, v in out.items()}
 
 
 def build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | None:
-    """An incremental evaluator for ``layer`` of the cache, or None when it does not apply."""
+    """An incremental evaluator for ``layer`` of the cache, or None when it does not apply.
+
+    Built (traced and checked) once per cache and layer; later calls reuse it.
+    """
+    memo: dict[str, IncrementalCurve | None] = cache.__dict__.setdefault("_incremental_evaluators", {})
+    if layer not in memo:
+        memo[layer] = _build_incremental(cache, layer)
+    return memo[layer]
+
+
+def _build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | None:
     if cache.gated.engine != "fx" or not cache.cached or len(cache.specs) != 1 or layer == INPUT:
         return None
     assert cache.frontier is not None
