@@ -8,7 +8,7 @@ import pytest
 from planted import PlantedNet, planted_data
 
 from coreunits import ActivationCache
-from coreunits.compare import compare_methods, default_methods, write_comparison_report
+from coreunits.compare import compare_methods, default_methods, headline, write_comparison_report
 from coreunits.strategies import GreedyBackwardElimination, HardConcreteL0, MeanActivation, RandomRanking, SwitchGates
 
 
@@ -47,7 +47,35 @@ def test_compare_judges_every_method_by_one_holding_rate_and_resumes(planted, tm
     assert summary["switch_gates"]["mean_units"] == 2
     text = (tmp_path / "report.md").read_text()
     assert "| switch_gates | 1 | 2.0 |" in text
+    assert "Switch gates (target mode) against the other methods" in text
+    assert result["headline"][0]["gates_le_every_ranking"] == 1
     assert json.loads((tmp_path / "comparison.json").read_text())["target"] == 0.99
+
+
+def _rec(layer: str, c: int, method: str, units: int, seconds: float, held: float = 0.99) -> dict:
+    return {"layer": layer, "target_class": c, "method": method, "num_units": units, "seconds": seconds,
+            "heldout_holding_rate": held}
+
+
+def test_headline_counts_wins_and_ratios_exactly() -> None:
+    records = [
+        _rec("max1", 0, "switch_gates", 5, 2.0, 0.995), _rec("max1", 0, "greedy_backward", 4, 40.0),
+        _rec("max1", 0, "random", 9, 1.0), _rec("max1", 0, "mean_activation", 5, 1.0),
+        _rec("max1", 1, "switch_gates", 7, 4.0, 0.985), _rec("max1", 1, "greedy_backward", 8, 20.0),
+        _rec("max1", 1, "random", 6, 1.0), _rec("max1", 1, "hard_concrete_l0", 3, 1.0),
+        _rec("max2", 0, "switch_gates", 10, 3.0, 0.99), _rec("max2", 0, "grad_x_activation", 12, 1.0),
+    ]
+    heads = {h["layer"]: h for h in headline(records)}
+    assert set(heads) == {"max1", "max2", "all"}
+    m1 = heads["max1"]
+    # Class 0: 5 <= min(9, 5); class 1: 7 > 6 (random). Hard-concrete is not a ranking.
+    assert (m1["gates_le_every_ranking"], m1["pairs_with_rankings"]) == (1, 2)
+    assert m1["units_vs_greedy"] == pytest.approx(0.0) and m1["greedy_mean_units"] == 6
+    assert m1["greedy_time_ratio"] == pytest.approx(30.0 / 3.0)
+    assert m1["gates_mean_heldout"] == pytest.approx(0.99) and m1["gates_lowest_heldout"] == 0.985
+    assert "greedy_time_ratio" not in heads["max2"]
+    assert heads["all"]["pairs"] == 3 and heads["all"]["gates_le_every_ranking"] == 2
+    assert heads["all"]["pairs_with_greedy"] == 2
 
 
 def test_compare_accepts_a_cache_and_rejects_unknown_methods(planted) -> None:

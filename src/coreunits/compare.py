@@ -32,7 +32,7 @@ from coreunits._core.result import atomic_write_text, fingerprint_of, read_recor
 from coreunits._core.strategies import Strategy
 from coreunits.report import csv_text
 
-__all__ = ["compare_methods", "default_methods", "run", "write_comparison_report"]
+__all__ = ["compare_methods", "default_methods", "headline", "run", "summarize", "write_comparison_report"]
 
 #: Rows of D'_c the plotted curves are measured on (the k each method needs is exact, on all of D'_c).
 CURVE_PROBE_ROWS = 2048
@@ -213,6 +213,52 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: Methods that choose a set directly; every other method is a ranking (its set is a top-k).
+SET_METHODS = ("switch_gates", "hard_concrete_l0", "greedy_backward")
+
+
+def headline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Switch gates against the rest, per layer and over all layers (``layer="all"``).
+
+    For the (layer, class) pairs where switch gates ran: in how many they need
+    no more units than every ranking method; their mean units, wall time and
+    held-out holding rate beside greedy backward elimination's.
+    """
+    out = []
+    layers = sorted({r["layer"] for r in records})
+    for layer in [*layers, "all"]:
+        rows = [r for r in records if layer in ("all", r["layer"])]
+        gates = {(r["layer"], r["target_class"]): r for r in rows if r["method"] == "switch_gates"}
+        if not gates:
+            continue
+        greedy = {(r["layer"], r["target_class"]): r for r in rows if r["method"] == "greedy_backward"}
+        rankings: dict[tuple[str, int], list[int]] = {}
+        for r in rows:
+            if r["method"] not in SET_METHODS:
+                rankings.setdefault((r["layer"], r["target_class"]), []).append(r["num_units"])
+        ranked = [k for k in gates if k in rankings]
+        paired = [k for k in gates if k in greedy]
+        h: dict[str, Any] = {
+            "layer": layer, "pairs": len(gates),
+            "gates_le_every_ranking": sum(gates[k]["num_units"] <= min(rankings[k]) for k in ranked),
+            "pairs_with_rankings": len(ranked),
+            "gates_mean_units": statistics.mean(g["num_units"] for g in gates.values()),
+            "gates_mean_seconds": statistics.mean(g["seconds"] for g in gates.values()),
+        }
+        held = [g["heldout_holding_rate"] for g in gates.values() if "heldout_holding_rate" in g]
+        if held:
+            h["gates_mean_heldout"], h["gates_lowest_heldout"] = statistics.mean(held), min(held)
+        if paired:
+            gu = statistics.mean(gates[k]["num_units"] for k in paired)
+            ru = statistics.mean(greedy[k]["num_units"] for k in paired)
+            gs = statistics.mean(gates[k]["seconds"] for k in paired)
+            rs = statistics.mean(greedy[k]["seconds"] for k in paired)
+            h |= {"pairs_with_greedy": len(paired), "units_vs_greedy": gu - ru, "greedy_mean_units": ru,
+                  "greedy_mean_seconds": rs, "greedy_time_ratio": rs / gs}
+        out.append(h)
+    return out
+
+
 def _plot(records: list[dict[str, Any]], path: Path, target: float) -> bool:
     try:
         import matplotlib
@@ -268,8 +314,9 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
+    heads = headline(records)
     result = {"target": target, "description": description, "command": command, "summary": summary,
-              "records": [{k: v for k, v in r.items() if k != "curve"} for r in records]}
+              "headline": heads, "records": [{k: v for k, v in r.items() if k != "curve"} for r in records]}
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=1, default=str))
     fields = ["layer", "target_class", "method", "num_units", "total_units", "holding_rate",
               "heldout_holding_rate", "reached", "seconds", "evaluations", "units"]
@@ -285,6 +332,24 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
 
     lines = [f"# Unit-selection methods compared at a {target:.1%} holding-rate target", "",
              f"{description}", "", f"Produced by: `{command}`", ""]
+    if heads:
+        lines += ["## Switch gates (target mode) against the other methods", "",
+                  "| layer | pairs | gates <= every ranking | gates mean units | greedy mean units | "
+                  "difference | gates s | greedy s | greedy / gates time | gates held-out mean (lowest) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for h in heads:
+            held = (f"{h['gates_mean_heldout']:.2%} ({h['gates_lowest_heldout']:.2%})"
+                    if "gates_mean_heldout" in h else "-")
+            if "greedy_mean_units" in h:
+                vs = (f"{h['greedy_mean_units']:.2f} | {h['units_vs_greedy']:+.2f} | {h['gates_mean_seconds']:.1f} | "
+                      f"{h['greedy_mean_seconds']:.1f} | {h['greedy_time_ratio']:.1f}x")
+            else:
+                vs = f"- | - | {h['gates_mean_seconds']:.1f} | - | -"
+            lines.append(f"| {h['layer']} | {h['pairs']} | {h['gates_le_every_ranking']}/{h['pairs_with_rankings']} | "
+                         f"{h['gates_mean_units']:.2f} | {vs} | {held} |")
+        lines += ["", "Rankings are " + ", ".join(sorted({r['method'] for r in records} - set(SET_METHODS)))
+                  + "; their set is the smallest top-k reaching the target. Times are wall seconds per "
+                  "(layer, class), measured in the same run.", ""]
     for layer in sorted({s["layer"] for s in summary}):
         lines += [f"## {layer}", "",
                   "| method | classes | mean units | mean holding (D'_c) | lowest | reached | "
