@@ -191,18 +191,28 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
         # Drop: lowest gate first (the optimiser's own estimate of what matters least).
         kept = torch.nonzero(mask).flatten()
         for j in kept[torch.argsort(values[kept], stable=True)].tolist():
-            if j in out.added:
-                continue
-            trial = mask.clone()
-            trial[j] = False
-            reached, r = judge.reaches(trial, target)
-            out.evaluations += 1
-            if reached:
-                mask, rate = trial, r
-                out.dropped.append(j)
+            if j not in out.added:
+                mask, rate, _ = _try_drop(judge, mask, rate, j, target, out)
     out.mask, out.holding_rate = mask, rate
     return out
 
+
+def _without(mask: torch.Tensor, j: int) -> torch.Tensor:
+    trial = mask.clone()
+    trial[j] = False
+    return trial
+
+
+def _try_drop(judge: Judge, mask: torch.Tensor, rate: float, j: int, target: float,
+              out: Refinement) -> tuple[torch.Tensor, float, bool]:
+    """Drop unit ``j`` if the target still holds on all of D'_c; returns (mask, rate, dropped)."""
+    trial = _without(mask, j)
+    reached, r = judge.reaches(trial, target)
+    out.evaluations += 1
+    if not reached:
+        return mask, rate, False
+    out.dropped.append(j)
+    return trial, r, True
 
 
 def _drop_least_harm(judge: Judge, mask: torch.Tensor, rate: float, values: torch.Tensor, target: float,
@@ -213,21 +223,12 @@ def _drop_least_harm(judge: Judge, mask: torch.Tensor, rate: float, values: torc
         kept = kept[torch.argsort(values[kept], stable=True)]  # lowest gate first among equal scores
         candidates = kept.tolist()
         if judge.probe is not None:
-            scores = []
-            for j in candidates:
-                trial = mask.clone()
-                trial[j] = False
-                scores.append(judge.probe(trial))
+            scores = [judge.probe(_without(mask, j)) for j in candidates]
             out.probe_evaluations += len(candidates)
             candidates = [j for _, j in sorted(zip(scores, candidates), key=lambda t: t[0], reverse=True)]
         for j in candidates:
-            trial = mask.clone()
-            trial[j] = False
-            reached, r = judge.reaches(trial, target)
-            out.evaluations += 1
-            if reached:
-                mask, rate = trial, r
-                out.dropped.append(j)
+            mask, rate, dropped = _try_drop(judge, mask, rate, j, target, out)
+            if dropped:
                 break
         else:
             break  # no single unit can go: the set is minimal
