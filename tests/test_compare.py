@@ -38,6 +38,12 @@ def test_compare_judges_every_method_by_one_holding_rate_and_resumes(planted, tm
                             out=tmp_path, progress=False)
     assert [r["seconds"] for r in again] == [r["seconds"] for r in records]
     assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())
+    # Reading the stored records only (a report of a sweep cut short) finds the same, computes nothing.
+    stored = compare_methods(model, "feat", [0, 1], x, target=0.99, methods=methods, heldout_data=held,
+                             out=tmp_path, progress=False, compute=False)
+    assert [r["key"] for r in stored] == [r["key"] for r in records]  # class 1 was never run: left out
+    assert compare_methods(model, "feat", [0], x, target=0.98, methods=methods, heldout_data=held,
+                           out=tmp_path, progress=False, compute=False) == []  # other settings: not these runs
 
     result = write_comparison_report(tmp_path, records, target=0.99, description="planted", command="test")
     for name in ("report.md", "comparison.json", "table.csv", "summary.csv", "curves.csv"):
@@ -73,7 +79,8 @@ def test_headline_counts_wins_and_ratios_exactly() -> None:
     assert m1["units_vs_greedy"] == pytest.approx(0.0) and m1["greedy_mean_units"] == 6
     assert m1["greedy_time_ratio"] == pytest.approx(30.0 / 3.0)
     assert m1["gates_mean_heldout"] == pytest.approx(0.99) and m1["gates_lowest_heldout"] == 0.985
-    assert "greedy_time_ratio" not in heads["max2"]
+    assert m1["gates_mean_units"] == 6 and m1["gates_mean_seconds"] == 3.0
+    assert "greedy_time_ratio" not in heads["max2"] and "gates_mean_units" not in heads["max2"]
     assert heads["all"]["pairs"] == 3 and heads["all"]["gates_le_every_ranking"] == 2
     assert heads["all"]["pairs_with_greedy"] == 2
 

@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--out", default=None, help="output folder (default: results/compare-<dataset>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs stored in --out, computing nothing")
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -110,6 +110,7 @@ def compare_methods(
     curves: bool = True,
     progress: bool = True,
     tag: str = "",
+    compute: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every method on every class of one layer and judge them by the same holding rate.
 
@@ -127,6 +128,8 @@ def compare_methods(
         curves: also measure holding rate vs top-k for methods that rank units (probe of D'_c).
         progress: progress bar.
         tag: what the model and data are (part of each record's fingerprint).
+        compute: False: only gather the records stored in ``out`` (a report of a
+            sweep still running or cut short); nothing is computed.
 
     Returns:
         One record per (class, method): units, holding rate, held-out holding rate, seconds, curve.
@@ -136,6 +139,20 @@ def compare_methods(
     from coreunits import __version__
 
     methods = list(methods) if methods is not None else default_methods(seed)
+    if not compute:
+        if out is None:
+            raise ValueError("compute=False reads stored records: give out")
+        held_n = heldout_data is not None and len(heldout_data)
+        found = []
+        for c in classes:
+            for method in methods:
+                key = f"{layer}_c{c}_{method.name}"
+                fingerprint = fingerprint_of([__version__, tag, repr(method), target, reading, seed, key,
+                                              len(data), held_n])
+                record = read_record(Path(out) / "runs" / f"{key}.json", fingerprint)
+                if record is not None:
+                    found.append(record)
+        return found
     needs_inputs = any(m.name.startswith("captum") for m in methods)
     cache = data if isinstance(data, ActivationCache) else ActivationCache(
         model, layer, data, batch_size=1000, keep_inputs=needs_inputs)
@@ -153,8 +170,9 @@ def compare_methods(
             problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)
             for method in methods:
                 key = f"{layer}_c{c}_{method.name}"
+                # Keep in step with the compute=False branch above.
                 fingerprint = fingerprint_of([__version__, tag, repr(method), target, reading, seed, key,
-                                            len(cache), held is not None and len(held)])
+                                              len(cache), held is not None and len(held)])
                 path = runs_dir / f"{key}.json" if runs_dir is not None else None
                 record = read_record(path, fingerprint) if path is not None else None
                 if record is None:
@@ -220,9 +238,11 @@ SET_METHODS = ("switch_gates", "hard_concrete_l0", "greedy_backward")
 def headline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Switch gates against the rest, per layer and over all layers (``layer="all"``).
 
-    For the (layer, class) pairs where switch gates ran: in how many they need
-    no more units than every ranking method; their mean units, wall time and
-    held-out holding rate beside greedy backward elimination's.
+    Counted over the (layer, class) pairs where switch gates ran: in how many
+    they need no more units than every ranking method, and their held-out
+    holding rate. Units and wall time beside greedy backward elimination are
+    averaged over the pairs where both ran, so a sweep cut short compares like
+    with like.
     """
     out = []
     layers = sorted({r["layer"] for r in records})
@@ -237,24 +257,23 @@ def headline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if r["method"] not in SET_METHODS:
                 rankings.setdefault((r["layer"], r["target_class"]), []).append(r["num_units"])
         ranked = [k for k in gates if k in rankings]
-        paired = [k for k in gates if k in greedy]
         h: dict[str, Any] = {
             "layer": layer, "pairs": len(gates),
             "gates_le_every_ranking": sum(gates[k]["num_units"] <= min(rankings[k]) for k in ranked),
             "pairs_with_rankings": len(ranked),
-            "gates_mean_units": statistics.mean(g["num_units"] for g in gates.values()),
-            "gates_mean_seconds": statistics.mean(g["seconds"] for g in gates.values()),
         }
         held = [g["heldout_holding_rate"] for g in gates.values() if "heldout_holding_rate" in g]
         if held:
             h["gates_mean_heldout"], h["gates_lowest_heldout"] = statistics.mean(held), min(held)
+        paired = [k for k in gates if k in greedy]
         if paired:
             gu = statistics.mean(gates[k]["num_units"] for k in paired)
             ru = statistics.mean(greedy[k]["num_units"] for k in paired)
             gs = statistics.mean(gates[k]["seconds"] for k in paired)
             rs = statistics.mean(greedy[k]["seconds"] for k in paired)
-            h |= {"pairs_with_greedy": len(paired), "units_vs_greedy": gu - ru, "greedy_mean_units": ru,
-                  "greedy_mean_seconds": rs, "greedy_time_ratio": rs / gs}
+            h |= {"pairs_with_greedy": len(paired), "gates_mean_units": gu, "greedy_mean_units": ru,
+                  "units_vs_greedy": gu - ru, "gates_mean_seconds": gs, "greedy_mean_seconds": rs,
+                  "greedy_time_ratio": rs / gs}
         out.append(h)
     return out
 
@@ -334,19 +353,18 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
              f"{description}", "", f"Produced by: `{command}`", ""]
     if heads:
         lines += ["## Switch gates (target mode) against the other methods", "",
-                  "| layer | pairs | gates <= every ranking | gates mean units | greedy mean units | "
-                  "difference | gates s | greedy s | greedy / gates time | gates held-out mean (lowest) |",
+                  "| layer | gates <= every ranking | gates held-out mean (lowest) | pairs with greedy | "
+                  "gates mean units | greedy mean units | difference | gates s | greedy s | greedy / gates time |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for h in heads:
             held = (f"{h['gates_mean_heldout']:.2%} ({h['gates_lowest_heldout']:.2%})"
                     if "gates_mean_heldout" in h else "-")
-            if "greedy_mean_units" in h:
-                vs = (f"{h['greedy_mean_units']:.2f} | {h['units_vs_greedy']:+.2f} | {h['gates_mean_seconds']:.1f} | "
-                      f"{h['greedy_mean_seconds']:.1f} | {h['greedy_time_ratio']:.1f}x")
-            else:
-                vs = f"- | - | {h['gates_mean_seconds']:.1f} | - | -"
-            lines.append(f"| {h['layer']} | {h['pairs']} | {h['gates_le_every_ranking']}/{h['pairs_with_rankings']} | "
-                         f"{h['gates_mean_units']:.2f} | {vs} | {held} |")
+            vs = "0 | - | - | - | - | - | -"
+            if "pairs_with_greedy" in h:
+                vs = (f"{h['pairs_with_greedy']} | {h['gates_mean_units']:.2f} | {h['greedy_mean_units']:.2f} | "
+                      f"{h['units_vs_greedy']:+.2f} | {h['gates_mean_seconds']:.1f} | {h['greedy_mean_seconds']:.1f} | "
+                      f"{h['greedy_time_ratio']:.1f}x")
+            lines.append(f"| {h['layer']} | {h['gates_le_every_ranking']}/{h['pairs_with_rankings']} | {held} | {vs} |")
         lines += ["", "Rankings are " + ", ".join(sorted({r['method'] for r in records} - set(SET_METHODS)))
                   + "; their set is the smallest top-k reaching the target. Times are wall seconds per "
                   "(layer, class), measured in the same run.", ""]
@@ -407,12 +425,17 @@ def run(args: argparse.Namespace) -> int:
         methods = default_methods(args.seed, coefficients(dataset, [layer]), args.methods)
         records += compare_methods(model, layer, args.classes, data, target=args.target, methods=methods,
                                    reading=args.reading, seed=args.seed, heldout_data=heldout, out=out,
-                                   progress=not args.no_progress, tag=tag)
+                                   progress=not args.no_progress, tag=tag,
+                                   compute=not getattr(args, "report_only", False))
     description = (f"Classifier {ckpt.name}; D'_c from {source}; held-out D'_c from {held_source}; "
                    f"{args.reading} holding rate; seed {args.seed}; {torch.get_num_threads()} CPU threads.")
     command = ("coreunits compare " + dataset + " --layers " + " ".join(args.layers) + " --classes "
                + " ".join(map(str, args.classes)) + f" --target {args.target}"
                + (" --methods " + " ".join(args.methods) if args.methods else ""))
+    if getattr(args, "report_only", False):
+        description += (f" Report of the stored records only: {len(records)} of "
+                        f"{len(args.layers) * len(args.classes) * len(methods)} (layer, class, method) runs are done; "
+                        "the same command without --report-only completes the rest.")
     write_comparison_report(out, records, target=args.target, description=description, command=command)
     print(f"wrote {out / 'report.md'} (and comparison.json, CSVs, PNG)")
     return 0
