@@ -19,7 +19,7 @@ Two steps answer it without the user tuning alpha:
 
 Measured on the paper's MNIST classifier, max2, classes 0-2 at 99.5% (strict):
 dropping lowest gate first left 11, 5 and 11 units; least-harm drops from the
-same calibrated sets (19, 8 and 23 units) left 8, 5 and 10, in 1-10 s per class,
+calibrated sets left 8, 5 and 9 (results/compare-mnist),
 where greedy elimination over all 64 units found 7, 6 and 16 in about 170 s.
 
 Holding rates are judged on D'_c with the hard mask, in the requested reading.
