@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.problem import SelectionProblem
@@ -95,6 +96,11 @@ def _probe_curve(problem: SelectionProblem, ranking: torch.Tensor) -> list[dict[
     return out
 
 
+def _num_inputs(data: Any) -> int:
+    """How many inputs ``data`` holds (a DataLoader's ``len`` counts batches)."""
+    return len(data.dataset) if isinstance(data, DataLoader) else len(data)
+
+
 def compare_methods(
     model: nn.Module,
     layer: str,
@@ -139,16 +145,20 @@ def compare_methods(
     from coreunits import __version__
 
     methods = list(methods) if methods is not None else default_methods(seed)
+    held_n = heldout_data is not None and _num_inputs(heldout_data)
+
+    def identity(c: int, method: Strategy) -> tuple[str, str]:
+        # A stored record is reused only when everything that made it is the same.
+        key = f"{layer}_c{c}_{method.name}"
+        return key, fingerprint_of([__version__, tag, repr(method), target, reading, seed, key, _num_inputs(data), held_n])
+
     if not compute:
         if out is None:
             raise ValueError("compute=False reads stored records: give out")
-        held_n = heldout_data is not None and len(heldout_data)
         found = []
         for c in classes:
             for method in methods:
-                key = f"{layer}_c{c}_{method.name}"
-                fingerprint = fingerprint_of([__version__, tag, repr(method), target, reading, seed, key,
-                                              len(data), held_n])
+                key, fingerprint = identity(c, method)
                 record = read_record(Path(out) / "runs" / f"{key}.json", fingerprint)
                 if record is not None:
                     found.append(record)
@@ -169,10 +179,7 @@ def compare_methods(
         for c in classes:
             problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)
             for method in methods:
-                key = f"{layer}_c{c}_{method.name}"
-                # Keep in step with the compute=False branch above.
-                fingerprint = fingerprint_of([__version__, tag, repr(method), target, reading, seed, key,
-                                              len(cache), held is not None and len(held)])
+                key, fingerprint = identity(c, method)
                 path = runs_dir / f"{key}.json" if runs_dir is not None else None
                 record = read_record(path, fingerprint) if path is not None else None
                 if record is None:

@@ -9,7 +9,7 @@ import torch
 
 from coreunits._core.errors import DataError
 
-__all__ = ["DPrime", "build_dprime", "check_class"]
+__all__ = ["DPrime", "build_dprime", "check_class", "random_rows"]
 
 
 @dataclass
@@ -93,3 +93,17 @@ def build_dprime(
     labels = torch.cat([torch.ones(pos.numel()), torch.zeros(neg.numel())])
     perm = torch.randperm(index.numel(), generator=generator)
     return DPrime(index[perm], labels[perm], int(pos.numel()), int(neg.numel()), note)
+
+
+def random_rows(rows: torch.Tensor, size: int | None, seed: int) -> torch.Tensor | None:
+    """A fixed random subset of ``size`` of ``rows`` (a probe of D'_c), or None when it would be all of them.
+
+    The same ``seed`` draws the same subset, so every probe of one D'_c with one
+    seed (greedy's, Shapley's, target mode's) is the same rows.
+    """
+    n = rows.numel()
+    if size is None or size >= n:
+        return None
+    if size < 1:
+        raise ValueError(f"probe_rows must be >= 1, got {size}")
+    return rows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]]

@@ -77,13 +77,14 @@ class IncrementalCurve:
             self._cols = [torch.nonzero(flat == j).flatten() for j in range(self.spec.num_units)]
         return self._cols
 
-    def _contribution(self, x: torch.Tensor, h: torch.Tensor, unit: int) -> torch.Tensor:
+    def _add_contribution(self, z: torch.Tensor, x: torch.Tensor, h: torch.Tensor, unit: int) -> torch.Tensor:
+        """``z`` plus one unit's contribution to the next layer's pre-activation (in place for a Linear)."""
         lin = self.linear
         if isinstance(lin, nn.Linear):
-            cols = self._columns(x)[unit]
-            return h[:, cols] @ lin.weight[:, cols].T
-        return F.conv2d(x[:, unit : unit + 1], lin.weight[:, unit : unit + 1], None,
-                        lin.stride, lin.padding, lin.dilation)
+            cols = self._columns(x)[unit].to(h.device)
+            return z.addmm_(h.index_select(1, cols), lin.weight.index_select(1, cols).T)
+        return z + F.conv2d(x[:, unit : unit + 1], lin.weight[:, unit : unit + 1], None,
+                            lin.stride, lin.padding, lin.dilation)
 
     def scores_of_mask(self, rows: torch.Tensor, mask: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Scores ``(len(rows), H)`` with only the units where ``mask`` is True kept.
@@ -137,20 +138,14 @@ class IncrementalCurve:
                 if isinstance(lin, nn.Linear):
                     bias = lin.bias if lin.bias is not None else h.new_zeros(lin.out_features)
                     z = bias.expand(h.shape[0], -1).clone()
-                    cols_of = self._columns(x)
                 else:
                     # Bias-only output with the right spatial shape: one zeroed channel.
                     z = F.conv2d(x[:, :1], torch.zeros_like(lin.weight[:, :1]), lin.bias, lin.stride,
                                  lin.padding, lin.dilation)
                 for k in range(top + 1):
                     if k > 0:
-                        unit = order_list[k - 1]
-                        if isinstance(lin, nn.Linear):
-                            cols = cols_of[unit].to(h.device)
-                            # In place is safe: the suffix copies its input before any in-place op.
-                            z.addmm_(h.index_select(1, cols), lin.weight.index_select(1, cols).T)
-                        else:
-                            z = z + self._contribution(x, h, unit)
+                        # In place is safe: the suffix copies its input before any in-place op.
+                        z = self._add_contribution(z, x, h, order_list[k - 1])
                     if k in want:
                         out[k].append(self.post.suffix([z], [None]))
         return {k: torch.cat(v) for k, v in out.items()}

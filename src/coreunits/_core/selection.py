@@ -44,6 +44,7 @@ from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import LayerArg, resolve_layers
 from coreunits._core.objective import center_margin, center_score, selection_loss
 from coreunits._core.result import CoreUnits
+from coreunits._core.target import DROP_ORDERS
 
 __all__ = ["DEFAULTS", "find_core_units"]
 
@@ -222,8 +223,8 @@ def find_core_units(
         raise ValueError(f"reading must be 'strict' or 'paper', got {reading!r}")
     if target_holding_rate is not None and not 0.0 < target_holding_rate <= 1.0:
         raise ValueError(f"target_holding_rate must be in (0, 1], got {target_holding_rate}")
-    if drop_order not in ("least_harm", "gate"):
-        raise ValueError(f"drop_order must be 'least_harm' or 'gate', got {drop_order!r}")
+    if drop_order not in DROP_ORDERS:
+        raise ValueError(f"drop_order must be one of {DROP_ORDERS}, got {drop_order!r}")
     cache = _as_cache(model, layers, data, batch_size, output_fn, unit_dim, device, engine, progress)
     target_class = check_class(target_class, cache.num_classes)
     if target_holding_rate is not None:

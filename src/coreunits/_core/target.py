@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
-from coreunits._core.dprime import DPrime
+from coreunits._core.dprime import DPrime, random_rows
 from coreunits._core.evaluation import _original_decisions, evaluate_gates, masked_scores
 
 __all__ = ["DROP_ORDERS", "PROBE_ROWS", "Judge", "Refinement", "mask_judge", "probe_score", "refine_mask"]
@@ -119,9 +119,8 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
     ``probe_rows`` rows of D'_c drawn with ``seed`` (all of D'_c when it is smaller).
     """
     sizes = [s.num_units for s in cache.specs]
-    n = dprime.index.numel()
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:probe_rows] if probe_rows < n else None
-    probe_rows_idx = dprime.index if pick is None else dprime.index[pick]
+    probe = random_rows(dprime.index, probe_rows, seed)
+    probe_rows_idx = dprime.index if probe is None else probe
     probe_original = _original_decisions(cache, probe_rows_idx, target_class)
 
     def split(mask: torch.Tensor) -> list[torch.Tensor | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from coreunits._core.dprime import random_rows
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.strategies.base import RankingStrategy, StrategyResult
 
@@ -25,13 +26,7 @@ def draw_probe(problem: SelectionProblem, size: int | None, seed: int) -> torch.
     evaluations on it go through ``problem.holding(mask)`` and are counted as
     full-D'_c evaluations.
     """
-    n = problem.rows.numel()
-    if size is None or size >= n:
-        return None
-    if size < 1:
-        raise ValueError(f"probe_rows must be >= 1, got {size}")
-    gen = torch.Generator().manual_seed(seed)
-    return problem.rows[torch.randperm(n, generator=gen)[:size]]
+    return random_rows(problem.rows, size, seed)
 
 
 class TruncatedMonteCarloShapley(RankingStrategy):
