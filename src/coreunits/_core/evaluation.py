@@ -58,7 +58,39 @@ def masked_scores(
     gates: Sequence[torch.Tensor | None],
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """Scores of the model with fixed gates on the given cached rows."""
+    """Scores of the model with fixed gates on the given cached rows.
+
+    A hard (0/1) mask on the single layer of a cache whose next layer is a
+    ``Linear`` or ``Conv2d`` is evaluated on the kept units alone (see
+    ``_core.incremental``): exact, and about k/K of that layer's cost.
+    """
+    sparse = _hard_mask_evaluator(cache, gates)
+    if sparse is not None:
+        evaluator, mask = sparse
+        return evaluator.scores_of_mask(rows, mask, batch_size)
+    return dense_masked_scores(cache, rows, gates, batch_size)
+
+
+def _hard_mask_evaluator(cache: ActivationCache, gates: Sequence[torch.Tensor | None]) -> Any:
+    """(incremental evaluator, bool mask) when ``gates`` is one hard mask it can evaluate, else None."""
+    if len(gates) != 1 or len(cache.specs) != 1:
+        return None
+    gate = gates[0]
+    if gate is None or gate.requires_grad or not bool(((gate == 0) | (gate == 1)).all()):
+        return None
+    from coreunits._core.incremental import build_incremental
+
+    evaluator = build_incremental(cache, cache.specs[0].name)
+    return None if evaluator is None else (evaluator, gate.flatten().bool())
+
+
+def dense_masked_scores(
+    cache: ActivationCache,
+    rows: torch.Tensor,
+    gates: Sequence[torch.Tensor | None],
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """:func:`masked_scores` through the whole network after the gated layers, gates multiplied in."""
     out = []
     with preserved_model_state(cache.model), cache.gated.activated(), torch.inference_mode():
         for chunk in rows.split(batch_size):
@@ -302,6 +334,6 @@ def removal_curve(
         mask[order[:k].to(cache.device)] = 1.0
         gates: list[torch.Tensor | None] = [None] * len(names)
         gates[pos] = mask
-        scores = masked_scores(cache, rows, gates, batch_size)
+        scores = dense_masked_scores(cache, rows, gates, batch_size)
         out.append({"units": k} | _rates_of(scores, original, target_class))
     return out

@@ -196,14 +196,14 @@ def _build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve |
             return None
         inc = IncrementalCurve(cache, spec, chain, str(user.target), lin, post)
         # Check against the direct computation before trusting it.
-        from coreunits._core.evaluation import masked_scores
+        from coreunits._core.evaluation import dense_masked_scores
 
         order = torch.arange(spec.num_units)
         k = max(spec.num_units // 2, 1)
         got = inc.scores(probe_rows, order, [k])[k]
         mask = torch.zeros(spec.num_units, device=cache.device)
         mask[:k] = 1.0
-        ref = masked_scores(cache, probe_rows, [mask])
+        ref = dense_masked_scores(cache, probe_rows, [mask])
         if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
             return None
         return inc

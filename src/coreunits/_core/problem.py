@@ -80,21 +80,11 @@ class SelectionProblem:
         self.labels = dprime.labels.to(cache.device)
         self.original = _original_decisions(cache, self.rows, self.target_class)
         self.evaluations = 0
-        self._incremental: object | None = None
-        self._incremental_built = False
 
     @property
     def num_units(self) -> int:
         """Number of units of the layer."""
         return self.spec.num_units
-
-    def _fast(self):  # type: ignore[no-untyped-def]
-        if not self._incremental_built:
-            from coreunits._core.incremental import build_incremental
-
-            self._incremental = build_incremental(self.cache, self.layer) if len(self.cache.specs) == 1 else None
-            self._incremental_built = True
-        return self._incremental
 
     def scores(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The masked model's scores on ``rows`` (default D'_c); ``mask`` True = unit kept."""
@@ -102,9 +92,7 @@ class SelectionProblem:
         mask = mask.flatten().to(self.cache.device)
         if mask.numel() != self.num_units:
             raise ValueError(f"mask has {mask.numel()} entries, layer {self.layer!r} has {self.num_units} units")
-        fast = self._fast()
-        if fast is not None:
-            return fast.scores_of_mask(rows, mask.bool())  # type: ignore[attr-defined]
+        # A hard mask on a single-layer cache takes masked_scores' sparse path.
         gates: list[torch.Tensor | None] = [None] * len(self.cache.specs)
         gates[self.position] = mask.float()
         return masked_scores(self.cache, rows, gates)
