@@ -8,7 +8,15 @@ from planted import PlantedNet
 
 from coreunits import ActivationCache, find_core_units
 from coreunits._core.stability import stability
-from coreunits._core.target import Judge, probe_score, refine_mask
+from coreunits._core.target import (
+    ADD_BACK_SLACK,
+    DROP_RETRIES,
+    PROBE_ROWS,
+    Judge,
+    prefer_add_back,
+    probe_score,
+    refine_mask,
+)
 
 
 def _judge_needs(required: set[int], extra_bonus: dict[int, float] | None = None):
@@ -44,6 +52,65 @@ def test_refine_adds_back_the_most_useful_unit_when_the_target_is_missed() -> No
 def test_refine_reports_failure_when_no_mask_reaches_the_target() -> None:
     out = refine_mask(lambda m: 0.5, torch.zeros(3, dtype=torch.bool), torch.zeros(3), target=0.9)
     assert out.holding_rate < 0.9 and bool(out.mask.all())
+
+
+def test_refine_uses_a_known_rate_instead_of_measuring_it() -> None:
+    calls: list[int] = []
+
+    def holding(mask: torch.Tensor) -> float:
+        calls.append(int(mask.sum()))
+        return _judge_needs({0})(mask)
+
+    out = refine_mask(holding, torch.tensor([True, True]), torch.tensor([0.9, 0.2]), target=0.99, rate=1.0)
+    assert out.holding_before == 1.0 and out.units_before == 2
+    # The given mask (2 units) is never measured: only the drops (unit 1 goes, then unit 0 cannot).
+    assert calls == [1, 0] and out.evaluations == 2
+    assert torch.nonzero(out.mask).flatten().tolist() == [0]
+
+
+def test_add_back_ranks_on_the_probe_and_measures_on_all_of_dprime() -> None:
+    full_calls: list[int] = []
+
+    def holding(mask: torch.Tensor) -> float:
+        full_calls.append(int(mask.sum()))
+        return _judge_needs({0, 3})(mask)
+
+    # The probe prefers unit 3 (its score is all the probe sees); one full measurement per added unit.
+    judge = Judge(holding, probe=lambda m: (_judge_needs({0, 3})(m), 0.01 * float(m[3])))
+    out = refine_mask(judge, torch.tensor([True, False, False, False]), torch.tensor([0.9, 0.5, 0.4, 0.1]),
+                      target=0.99)
+    assert out.added == [3]
+    assert torch.nonzero(out.mask).flatten().tolist() == [0, 3]
+    assert out.probe_evaluations == 3 + 2  # the add-back round, then the drop round over {0, 3}
+    assert full_calls[:2] == [1, 2]  # the calibrated mask, then the mask with unit 3 added
+
+
+def test_least_harm_stops_when_the_probes_best_candidates_fail() -> None:
+    # Six kept units; any drop fails on all of D'_c although the probe likes the last one least.
+    tried: list[int] = []
+
+    def reaches(mask: torch.Tensor, target: float) -> tuple[bool, float]:
+        tried.append(int(torch.nonzero(~mask).flatten()[0]))
+        return False, 0.5
+
+    def probe(m: torch.Tensor) -> tuple[float, float]:
+        return 1.0, float(torch.nonzero(~m).flatten()[0])  # dropping unit j scores j
+
+    judge = Judge(lambda m: 1.0, reaches, probe)
+    out = refine_mask(judge, torch.ones(6, dtype=torch.bool), torch.zeros(6), target=0.99)
+    assert tried == [5, 4, 3, 2][: 1 + DROP_RETRIES]
+    assert out.dropped == [] and bool(out.mask.all())
+
+
+def test_prefer_add_back_weighs_the_miss_and_its_cost() -> None:
+    rows = 188 * 128  # one max1 optimisation: 188 steps of 128 inputs
+    close = 0.995 - 0.5 * ADD_BACK_SLACK * 0.005
+    far = 0.995 - 2 * ADD_BACK_SLACK * 0.005
+    assert prefer_add_back(close, 0.995, 9, 32, rows)
+    assert not prefer_add_back(far, 0.995, 9, 32, rows)
+    # An input layer of 784 pixels: one add-back round ranks 700+ masks, dearer than an optimisation.
+    assert not prefer_add_back(close, 0.995, 50, 784, rows)
+    assert prefer_add_back(close, 0.995, 50, 784, rows * 10, probe_rows=PROBE_ROWS // 4)
 
 
 def _substitute_judge() -> Judge:
@@ -110,6 +177,17 @@ def test_target_mode_lowers_alpha_when_the_first_try_misses(planted) -> None:
     assert len(cal) >= 2 and cal[1]["alpha"] < cal[0]["alpha"]
     assert r.settings["target"]["reached"]
     assert set(PlantedNet.TRUE_UNITS) <= set(r.units["feat"])
+
+
+def test_target_mode_adds_back_instead_of_optimising_again(planted) -> None:
+    model, x = planted
+    # One optimisation only: alpha switches every unit off, and add-back must find the planted units.
+    r = find_core_units(model, "feat", 0, x, progress=False, alpha=5.0, target_holding_rate=0.99,
+                        calibration_runs=1)
+    t = r.settings["target"]
+    assert len(t["calibration"]) == 1 and t["units_before"] == 0
+    assert set(t["added"]) >= set(PlantedNet.TRUE_UNITS)
+    assert t["reached"] and r.units["feat"] == PlantedNet.TRUE_UNITS
 
 
 def test_target_mode_paper_reading_and_bad_targets(planted) -> None:

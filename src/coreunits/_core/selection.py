@@ -191,13 +191,14 @@ def find_core_units(
         target_holding_rate: target mode: instead of reporting whatever the
             coefficients give, find the smallest unit set whose hard-mask holding
             rate on D'_c reaches this value. alpha is lowered automatically while
-            the rounded mask misses the target (``alpha`` is the first try), then
-            the mask is refined (add back the most useful unit while the target is
-            missed, then drop units while it holds). Before/after figures are
-            in ``settings["target"]``.
+            the rounded mask misses the target by much (``alpha`` is the first
+            try), then the mask is refined (add back the most useful unit while
+            the target is missed, then drop units while it holds). Before/after
+            figures are in ``settings["target"]``. See ``coreunits._core.target``.
         reading: the holding-rate reading the target is judged in: ``"strict"``
             (argmax decision unchanged) or ``"paper"`` (center classifier).
-        calibration_runs: most optimisations target mode runs.
+        calibration_runs: most optimisations target mode runs (a mask that
+            misses the target by little is completed by adding units back instead).
         drop_order: how target mode drops units: ``"least_harm"`` (greedy
             backward elimination within the calibrated set, candidates ranked on
             a probe of D'_c, each drop verified on all of it) or ``"gate"``
@@ -385,7 +386,7 @@ def _find_for_target(
     t0: float,
 ) -> CoreUnits:
     """Target mode: calibrate alpha downwards until the target is met, then refine (see ``_core.target``)."""
-    from coreunits._core.target import mask_judge, refine_mask
+    from coreunits._core.target import mask_judge, prefer_add_back, refine_mask
 
     if calibration_runs < 1:
         raise ValueError(f"calibration_runs must be >= 1, got {calibration_runs}")
@@ -400,10 +401,13 @@ def _find_for_target(
         rate = res.holding_rate_strict if reading == "strict" else res.holding_rate
         attempts.append({"alpha": _scaled(alpha, factor), "lam": lam0 * factor,
                          "units": sum(res.num_units.values()), "holding_rate": rate, "seconds": res.seconds})
-        # Keep the run that holds best; the first that reaches the target ends the search.
+        # Keep the run that holds best; the first that reaches the target ends the search,
+        # and so does one close enough that adding back a few units is cheaper.
         if rate > best_rate or rate >= target:
             best, best_rate = res, rate
-        if rate >= target:
+        rows_run = int(res.settings["total_steps"]) * int(options["batch_size"])
+        if rate >= target or prefer_add_back(rate, target, sum(res.num_units.values()),
+                                             sum(res.total_units.values()), rows_run):
             break
     assert best is not None
     gen = torch.Generator().manual_seed(options["seed"])
@@ -412,7 +416,8 @@ def _find_for_target(
     specs = cache.specs
     mask = torch.cat([best.masks[s.name].flatten() for s in specs])
     values = torch.cat([best.gates[s.name].flatten() for s in specs])
-    refined = refine_mask(judge, mask, values, target, drop_order)
+    # The best run's rate was measured on this D'_c by the same path: not measured again.
+    refined = refine_mask(judge, mask, values, target, drop_order, rate=best_rate)
     pieces = refined.mask.split([s.num_units for s in specs])
     final = evaluate_gates(cache, dprime.index, [p.float().to(cache.device) for p in pieces], target_class)
     units = {s.name: torch.nonzero(p).flatten().tolist() for s, p in zip(specs, pieces)}
