@@ -85,6 +85,13 @@ def test_add_back_ranks_on_the_probe_and_measures_on_all_of_dprime() -> None:
     assert full_calls[:2] == [1, 2]  # the calibrated mask, then the mask with unit 3 added
 
 
+def test_add_back_that_never_reaches_reports_the_exact_rate() -> None:
+    # The early-exit test only bounds a missing rate (here 0.6); the result must carry the real one.
+    judge = Judge(lambda m: 0.5, lambda m, t: (False, 0.6), lambda m: (0.5, 0.0))
+    out = refine_mask(judge, torch.zeros(3, dtype=torch.bool), torch.zeros(3), target=0.9)
+    assert bool(out.mask.all()) and out.holding_rate == 0.5
+
+
 def test_least_harm_stops_when_the_probes_best_candidates_fail() -> None:
     # Six kept units; any drop fails on all of D'_c although the probe likes the last one least.
     tried: list[int] = []

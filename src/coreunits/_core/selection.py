@@ -385,7 +385,7 @@ def _find_for_target(
     drop_order: str,
     t0: float,
 ) -> CoreUnits:
-    """Target mode: calibrate alpha downwards until the target is met, then refine (see ``_core.target``)."""
+    """Target mode: calibrate alpha downwards until the target is met or nearly, then refine (see ``_core.target``)."""
     from coreunits._core.target import mask_judge, prefer_add_back, refine_mask
 
     if calibration_runs < 1:

@@ -43,8 +43,8 @@ from coreunits._core.dprime import DPrime, random_rows
 from coreunits._core.evaluation import _original_decisions, evaluate_gates, masked_scores
 
 __all__ = [
-    "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "PROBE_ROWS", "Judge", "Refinement", "mask_judge", "prefer_add_back",
-    "probe_score", "refine_mask",
+    "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "PROBE_ROWS", "Judge", "Refinement", "mask_judge",
+    "prefer_add_back", "probe_score", "refine_mask",
 ]
 
 #: How the refinement picks the next unit to drop (see the module docstring).
@@ -227,6 +227,9 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
             mask = _with(mask, best_j)
             rate = best_rate
         out.added.append(best_j)
+    if rate < target and judge.probe is not None and out.added:
+        rate = judge.holding(mask)  # the early-exit test gave only a bound of a missing rate
+        out.evaluations += 1
     if rate >= target and drop_order == "least_harm":
         mask, rate = _drop_least_harm(judge, mask, rate, values, target, out)
     elif rate >= target:
