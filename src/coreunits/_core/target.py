@@ -211,9 +211,7 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
     while rate < target and not bool(mask.all()):
         candidates = torch.nonzero(~mask).flatten().tolist()
         if judge.probe is not None:
-            scores = [judge.probe(_with(mask, j)) for j in candidates]
-            out.probe_evaluations += len(candidates)
-            best_j = max(zip(scores, candidates), key=lambda t: t[0])[1]
+            best_j = _best_on_probe(judge, mask, candidates, _with, out)[0]
             mask = _with(mask, best_j)
             _, rate = judge.reaches(mask, target)
             out.evaluations += 1
@@ -254,6 +252,15 @@ def _without(mask: torch.Tensor, j: int) -> torch.Tensor:
     return trial
 
 
+def _best_on_probe(judge: Judge, mask: torch.Tensor, candidates: list[int],
+                   trial: Callable[[torch.Tensor, int], torch.Tensor], out: Refinement) -> list[int]:
+    """``candidates`` ordered by the probe score of ``trial(mask, j)``, best first (stable among equal scores)."""
+    assert judge.probe is not None
+    scores = [judge.probe(trial(mask, j)) for j in candidates]
+    out.probe_evaluations += len(candidates)
+    return [j for _, j in sorted(zip(scores, candidates), key=lambda t: t[0], reverse=True)]
+
+
 def _try_drop(judge: Judge, mask: torch.Tensor, rate: float, j: int, target: float,
               out: Refinement) -> tuple[torch.Tensor, float, bool]:
     """Drop unit ``j`` if the target still holds on all of D'_c; returns (mask, rate, dropped)."""
@@ -274,12 +281,8 @@ def _drop_least_harm(judge: Judge, mask: torch.Tensor, rate: float, values: torc
         kept = kept[torch.argsort(values[kept], stable=True)]  # lowest gate first among equal scores
         candidates = kept.tolist()
         if judge.probe is not None:
-            scores = [judge.probe(_without(mask, j)) for j in candidates]
-            out.probe_evaluations += len(candidates)
-            candidates = [j for _, j in sorted(zip(scores, candidates), key=lambda t: t[0], reverse=True)]
-        if judge.probe is not None:
             # As greedy elimination does: when the probe's best few fail on all of D'_c, stop.
-            candidates = candidates[: 1 + DROP_RETRIES]
+            candidates = _best_on_probe(judge, mask, candidates, _without, out)[: 1 + DROP_RETRIES]
         for j in candidates:
             mask, rate, dropped = _try_drop(judge, mask, rate, j, target, out)
             if dropped:
