@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "center_margin",
     "center_score",
+    "decision_margin",
     "phi",
     "refit_w_b",
     "selection_loss",
@@ -39,6 +40,13 @@ def center_margin(scores: torch.Tensor, target_class: int) -> torch.Tensor:
     top = scores.max(dim=1).values
     std = scores.std(dim=1, unbiased=False).clamp_min(_STD_FLOOR)
     return (top - scores[:, target_class]) / std
+
+
+def decision_margin(scores: torch.Tensor, target_class: int) -> torch.Tensor:
+    """``s_c`` minus the best other score per example: > 0 exactly when c is the strict argmax."""
+    other = scores.clone()
+    other[:, target_class] = float("-inf")
+    return scores[:, target_class] - other.max(dim=1).values
 
 
 def center_score(margin: torch.Tensor, w_b: torch.Tensor | float) -> torch.Tensor:

@@ -5,9 +5,19 @@ of the holding rate the answer is judged by. Every way of choosing units
 (switch gates, rankings, greedy search, Shapley values) answers the same
 problem and is judged by the same :meth:`SelectionProblem.holding`, so the
 comparison between them is fair by construction.
+
+The problem remembers the scores of recently evaluated masks (a few MiB), so
+that no method pays twice for the same rows of the same mask: a drop verified
+on D'_c after it was scored on a probe only evaluates the rows outside the
+probe, and a mask verified on D'_c is not run again for its final holding
+rate. Its early-exit test (:meth:`SelectionProblem.reaches`) looks first at the
+inputs closest to changing decision under the last mask judged on all of
+D'_c, so a mask that misses the target is rejected after a small part of D'_c.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -21,11 +31,15 @@ from coreunits._core.evaluation import (
     masked_scores,
     removal_curve,
 )
+from coreunits._core.objective import decision_margin, strict_decision
 
 __all__ = ["READINGS", "SelectionProblem"]
 
 #: The two readings of the holding rate (see ``_core.evaluation``).
 READINGS = ("strict", "paper")
+
+#: Bytes of remembered scores per problem (a 2,048-row probe of 10 classes is 80 KiB).
+MEMO_BYTES = 64 << 20
 
 
 class SelectionProblem:
@@ -80,6 +94,13 @@ class SelectionProblem:
         self.labels = dprime.labels.to(cache.device)
         self.original = _original_decisions(cache, self.rows, self.target_class)
         self.evaluations = 0
+        # Position in D'_c of every cache row (-1: not in D'_c), to reuse scores across row sets.
+        self._position = torch.full((len(cache.predictions),), -1, dtype=torch.long)
+        self._position[self.rows.cpu()] = torch.arange(len(self.rows))
+        # mask bytes -> (positions in D'_c, or None for all of it in order; scores), oldest first.
+        self._memo: OrderedDict[bytes, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
+        self._memo_bytes = 0
+        self._risk: torch.Tensor | None = None  # positions of D'_c, closest to changing decision first
 
     @property
     def num_units(self) -> int:
@@ -88,22 +109,37 @@ class SelectionProblem:
 
     def scores(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The masked model's scores on ``rows`` (default D'_c); ``mask`` True = unit kept."""
-        rows = self.rows if rows is None else rows
-        mask = mask.flatten().to(self.cache.device)
-        if mask.numel() != self.num_units:
-            raise ValueError(f"mask has {mask.numel()} entries, layer {self.layer!r} has {self.num_units} units")
-        # A hard mask on a single-layer cache takes masked_scores' sparse path.
-        gates: list[torch.Tensor | None] = [None] * len(self.cache.specs)
-        gates[self.position] = mask.float()
-        return masked_scores(self.cache, rows, gates)
+        mask = self._check(mask)
+        key = _key(mask)
+        entry = self._memo.get(key)
+        if rows is None:
+            if entry is not None and entry[0] is None:
+                return entry[1].clone()
+            scores = self._compute(mask, self.rows)
+            self._remember(key, None, scores)
+            return scores
+        positions = self._position[rows.cpu()]
+        inside = bool((positions >= 0).all())
+        if entry is not None and inside:
+            known, known_scores = entry
+            if known is None:
+                return known_scores.index_select(0, positions.to(known_scores.device))
+            if torch.equal(known, positions):
+                return known_scores.clone()
+        scores = self._compute(mask, rows)
+        if inside and (entry is None or entry[0] is not None):
+            self._remember(key, positions, scores)
+        return scores
 
     def rates(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> HoldingRates:
         """Both readings of the holding rate of ``mask`` on ``rows`` (default D'_c)."""
         if rows is None:
-            self.evaluations += 1
+            entry = self._memo.get(_key(self._check(mask)))
+            if entry is None or entry[0] is not None:
+                self.evaluations += 1  # not remembered: a new evaluation on all of D'_c
         rows_ = self.rows if rows is None else rows
         original = self.original if rows is None else _original_decisions(self.cache, rows_, self.target_class)
-        return _holding_rates(self.scores(mask, rows_), original, self.target_class, None)
+        return _holding_rates(self.scores(mask, rows), original, self.target_class, None)
 
     def holding(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """The holding rate of ``mask`` in this problem's reading."""
@@ -115,25 +151,89 @@ class SelectionProblem:
 
         In the strict reading each input's decision is final on its own, so D'_c
         is judged chunk by chunk and the pass stops once more inputs have changed
-        decision than the target allows: a mask that misses the target is usually
-        rejected after a fraction of D'_c. (The paper reading refits ``w_b`` on
-        all inputs, so it is judged whole.) Returns (reached, holding rate); the
-        rate is exact when reached, else an upper bound of the true (missing) rate.
+        decision than the target allows. Rows whose scores under ``mask`` are
+        remembered (a probe it was ranked on) are not run again, and the others
+        are run closest-to-changing first (by their margin under the last mask
+        judged on all of D'_c), so a mask that misses the target is usually
+        rejected after its first chunk. (The paper reading refits ``w_b`` on all
+        inputs, so it is judged whole.) Returns (reached, holding rate); the rate
+        is exact when reached, else an upper bound of the true (missing) rate.
         """
         if self.reading != "strict":
             rate = self.holding(mask)
             return rate >= target, rate
-        self.evaluations += 1
+        mask = self._check(mask)
+        key = _key(mask)
         n = len(self.rows)
         allowed = int((1.0 - target) * n + 1e-9)
+        entry = self._memo.get(key)
+        if entry is not None and entry[0] is None:
+            rate = float(self._kept(entry[1], None).float().mean())
+            return rate >= target, rate
+        self.evaluations += 1
+        todo = self._risk if self._risk is not None else torch.arange(n)
+        done_pos: list[torch.Tensor] = []
+        done_scores: list[torch.Tensor] = []
         changed = 0
-        for start in range(0, n, chunk):
-            rows = self.rows[start : start + chunk]
-            decision = self.scores(mask, rows).argmax(dim=1) == self.target_class
-            changed += int((decision != self.original[start : start + chunk]).sum())
+        if entry is not None:
+            known, known_scores = entry
+            assert known is not None
+            changed += int((~self._kept(known_scores, known)).sum())
+            fresh = torch.ones(n, dtype=torch.bool)
+            fresh[known] = False
+            todo = todo[fresh[todo]]
+            done_pos.append(known)
+            done_scores.append(known_scores)
             if changed > allowed:
                 return False, 1.0 - changed / n
+        for start in range(0, len(todo), chunk):
+            pos = todo[start : start + chunk]
+            scores = self._compute(mask, self.rows[pos])
+            changed += int((~self._kept(scores, pos)).sum())
+            done_pos.append(pos)
+            done_scores.append(scores)
+            if changed > allowed:
+                return False, 1.0 - changed / n
+        # Reached: every row was judged, so the whole of D'_c's scores are known for this mask.
+        positions = torch.cat(done_pos)
+        scores = torch.cat(done_scores)
+        full = torch.empty_like(scores)
+        full[positions.to(full.device)] = scores
+        self._remember(key, None, full)
         return True, 1.0 - changed / n
+
+    def _check(self, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.flatten()
+        if mask.numel() != self.num_units:
+            raise ValueError(f"mask has {mask.numel()} entries, layer {self.layer!r} has {self.num_units} units")
+        return mask
+
+    def _compute(self, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # A hard mask on a single-layer cache takes masked_scores' sparse path.
+        gates: list[torch.Tensor | None] = [None] * len(self.cache.specs)
+        gates[self.position] = mask.to(self.cache.device).float()
+        return masked_scores(self.cache, rows, gates)
+
+    def _kept(self, scores: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Whether each row keeps its strict decision (rows at ``positions`` of D'_c; all of it if None)."""
+        original = self.original if positions is None else self.original[positions.to(self.original.device)]
+        return strict_decision(scores, self.target_class) == original
+
+    def _remember(self, key: bytes, positions: torch.Tensor | None, scores: torch.Tensor) -> None:
+        old = self._memo.pop(key, None)
+        if old is not None:
+            self._memo_bytes -= _nbytes(old[1])
+        self._memo[key] = (positions, scores.clone())
+        self._memo_bytes += _nbytes(scores)
+        while self._memo_bytes > MEMO_BYTES and len(self._memo) > 1:
+            _, (_, dropped) = self._memo.popitem(last=False)
+            self._memo_bytes -= _nbytes(dropped)
+        if positions is None:
+            # The next masks tried are usually this one with a unit more or less: the inputs
+            # it keeps by the smallest margin (or already changed) are the likeliest to change.
+            margin = decision_margin(scores, self.target_class)
+            signed = torch.where(self.original, margin, -margin)
+            self._risk = torch.argsort(signed.cpu(), stable=True)
 
     def top_k_mask(self, ranking: torch.Tensor, k: int) -> torch.Tensor:
         """Bool mask keeping the ``k`` units with the highest ``ranking`` (ties: lower index first)."""
@@ -150,3 +250,11 @@ class SelectionProblem:
         """
         return removal_curve(self.cache, self.rows, self.layer, ranking.flatten().float().to(self.cache.device),
                              self.target_class, ks)
+
+
+def _key(mask: torch.Tensor) -> bytes:
+    return mask.detach().flatten().bool().cpu().numpy().tobytes()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
