@@ -140,10 +140,33 @@ def test_least_harm_drops_find_a_smaller_set_than_gate_order() -> None:
     least = refine_mask(_substitute_judge(), mask, gates, target=0.99)
     assert torch.nonzero(least.mask).flatten().tolist() == [2]
     assert least.dropped == [3, 1, 0] and least.holding_rate == 1.0
-    assert least.probe_evaluations == 4 + 3 + 2 + 1
+    # Lazy re-scoring: all 4 in the first round; then only units whose earlier score could still be best.
+    assert least.probe_evaluations == 4 + 2 + 1 + 1
     assert least.to_dict()["drop_order"] == "least_harm"
     with pytest.raises(ValueError, match="drop_order"):
         refine_mask(_substitute_judge(), mask, gates, target=0.99, drop_order="random")
+
+
+def test_lazy_rescoring_drops_what_full_rescoring_drops_with_fewer_probe_evaluations() -> None:
+    # Additive unit weights: the probe score of a mask is its kept weight, so dropping a unit
+    # from a smaller mask scores lower (the bound lazy re-scoring relies on holds), and the
+    # target holds while the kept weight is at least 10. Full re-scoring drops the lightest
+    # unit first each round, weighing 8 + 7 + ... + 2 = 35 masks on the probe.
+    weights = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 0.5, 7.0])
+    scored: list[int] = []
+
+    def probe(m: torch.Tensor) -> tuple[float, float]:
+        scored.append(int(m.sum()))
+        return float((weights * m).sum()), 0.0
+
+    def holding(m: torch.Tensor) -> float:
+        return 1.0 if float((weights * m).sum()) >= 10.0 else 0.5
+
+    out = refine_mask(Judge(holding, probe=probe), torch.ones(8, dtype=torch.bool), torch.zeros(8), target=0.99)
+    assert out.dropped == [6, 1, 3, 4, 2, 0]  # lightest first; then 6 + 7 = 13 and either drop leaves < 10
+    assert torch.nonzero(out.mask).flatten().tolist() == [5, 7]
+    assert out.probe_evaluations == len(scored) < 35
+    assert scored[:8] == [7] * 8  # the first round scores every unit
 
 
 def test_probe_score_counts_kept_decisions_and_orders_by_margin() -> None:

@@ -419,7 +419,9 @@ def _find_for_target(
     # The best run's rate was measured on this D'_c by the same path: not measured again.
     refined = refine_mask(judge, mask, values, target, drop_order, rate=best_rate)
     pieces = refined.mask.split([s.num_units for s in specs])
-    final = evaluate_gates(cache, dprime.index, [p.float().to(cache.device) for p in pieces], target_class)
+    # The refined mask was usually just verified on D'_c: the judge answers from those scores.
+    assert judge.rates is not None
+    final = judge.rates(refined.mask)
     units = {s.name: torch.nonzero(p).flatten().tolist() for s, p in zip(specs, pieces)}
     settings = dict(best.settings)
     settings["target"] = {
