@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m coreunits.cli demo $(if $(DATA_ROOT),--data-root $(DATA_ROOT),)
 
-# The whole suite (slow tests included, about 3 minutes on 2 cores).
+# The whole suite (slow tests included, 7-11 minutes on 2 cores; see README).
 # pytest exits 5 when it collects nothing: turn that into a loud failure.
 test: $(VENV)/.installed
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \

@@ -202,6 +202,65 @@ def test_greedy_with_probe_verifies_on_all_rows(planted_problem: SelectionProble
     assert r.evaluations == r.info["verifications"]
 
 
+def test_lazy_greedy_drops_the_same_units_with_fewer_candidate_evaluations(planted_cache: ActivationCache) -> None:
+    full = GreedyBackwardElimination(probe_rows=200).run(SelectionProblem(planted_cache, "feat", 0), TARGET)
+    lazy = GreedyBackwardElimination(probe_rows=200, lazy=True).run(SelectionProblem(planted_cache, "feat", 0), TARGET)
+    assert lazy.units == full.units and lazy.holding_rate == full.holding_rate
+    assert lazy.info["lazy"] and not full.info["lazy"]
+    assert lazy.info["candidate_evaluations"] < full.info["candidate_evaluations"]
+    assert "lazy=True" in repr(GreedyBackwardElimination(lazy=True))
+
+
+def test_reaches_reuses_remembered_scores(planted_cache: ActivationCache) -> None:
+    p = SelectionProblem(planted_cache, "feat", 0)
+    n = len(p.rows)
+    probe = p.rows[: n // 4]
+    computed = _counting(p)
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[0, 3]] = False  # a mask that keeps the planted units 1 and 4: reaches the target
+    p.holding(keep, rows=probe)
+    assert p.reaches(keep, TARGET)[0]
+    assert sum(computed) == n  # the probe's quarter once, then only the other rows
+    computed.clear()
+    assert p.holding(keep) == p.reaches(keep, TARGET)[1]  # from memory: nothing computed
+    assert computed == []
+
+
+def _counting(problem: SelectionProblem) -> list[int]:
+    """Record the number of rows of each evaluation the problem runs."""
+    computed: list[int] = []
+    compute = problem._compute
+
+    def counting(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        computed.append(len(rows))
+        return compute(mask, rows)
+
+    problem._compute = counting  # type: ignore[method-assign]
+    return computed
+
+
+def test_reaches_judges_the_inputs_closest_to_changing_first() -> None:
+    # A random MLP: removing hidden unit 0 changes 0.7% of the decisions, spread over D'_c.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    cache = ActivationCache(model, "1", torch.randn(2000, 20))
+    c = int(cache.predictions.mode().values)
+    every = torch.ones(32, dtype=torch.bool)
+    miss = every.clone()
+    miss[0] = False
+    exact = SelectionProblem(cache, "1", c).holding(miss)
+    assert 0.99 < exact < 1.0
+    cold = SelectionProblem(cache, "1", c)
+    in_order = _counting(cold)
+    assert cold.reaches(miss, 1.0, chunk=16) == (False, pytest.approx(1.0 - 1 / len(cold.rows)))
+    warm = SelectionProblem(cache, "1", c)
+    warm.holding(every)  # judged whole: its margins order the next test
+    by_risk = _counting(warm)
+    reached, bound = warm.reaches(miss, 1.0, chunk=16)
+    assert not reached and bound >= exact
+    assert len(by_risk) == 1 < len(in_order)  # the first chunk holds a changed decision
+
+
 class _ScriptedProblem:
     """A stand-in problem whose probe misranks candidates: dropping unit 0 looks best on the
     probe but fails on all rows; dropping unit 1 holds on both."""

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from coreunits._core.lazy import best_first
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.strategies.base import Strategy, StrategyResult
 from coreunits._core.strategies.shapley import draw_probe
@@ -36,12 +37,15 @@ class GreedyBackwardElimination(Strategy):
             ``retries`` next-best candidates are verified before stopping.
         seed: seed of the probe.
         retries: next-best candidates verified after the best one fails (probe only).
+        lazy: re-score only the candidates whose score at an earlier step could
+            still make them the best (``_core.lazy``; Minoux's lazy greedy). Off
+            by default: the textbook elimination, which ``coreunits compare`` runs.
     """
 
     name = "greedy_backward"
 
-    def __init__(self, probe_rows: int | None = None, seed: int = 0, retries: int = 3) -> None:
-        self.probe_rows, self.seed, self.retries = probe_rows, seed, retries
+    def __init__(self, probe_rows: int | None = None, seed: int = 0, retries: int = 3, lazy: bool = False) -> None:
+        self.probe_rows, self.seed, self.retries, self.lazy = probe_rows, seed, retries, lazy
 
     def run(self, problem: SelectionProblem, target: float | None) -> StrategyResult:
         t0 = time.perf_counter()
@@ -59,25 +63,26 @@ class GreedyBackwardElimination(Strategy):
             m[j] = False
             return m
 
+        bounds: dict[int, float] | None = {} if self.lazy else None
         while kept.any():
             cands = torch.nonzero(kept).flatten().tolist()
-            scores = torch.tensor([problem.holding(without(j), rows=probe) for j in cands], dtype=torch.float64)
-            candidate_evals += len(cands)
-            last = (cands, scores)
             # Stable: among equally good candidates the lowest index goes first (reproducible).
-            order = torch.argsort(scores, descending=True, stable=True).tolist()
+            order, fresh = best_first(cands, lambda j: problem.holding(without(j), rows=probe), bounds)
+            candidate_evals += len(fresh)
+            last = (cands, torch.tensor([fresh[j] if j in fresh else bounds[j] for j in cands],  # type: ignore[index]
+                                        dtype=torch.float64))
             chosen: int | None = None
             if target is None:
-                chosen = cands[order[0]]
+                chosen = order[0]
             elif probe is None:
                 # Scored on all of D'_c already: if the best misses the target, every candidate does.
-                if float(scores[order[0]]) >= target:
-                    chosen = cands[order[0]]
+                if fresh[order[0]] >= target:
+                    chosen = order[0]
             else:
-                for i in order[: 1 + self.retries]:
+                for j in order[: 1 + self.retries]:
                     verifications += 1
-                    if problem.reaches(without(cands[i]), target)[0]:
-                        chosen = cands[i]
+                    if problem.reaches(without(j), target)[0]:
+                        chosen = j
                         break
             if chosen is None:
                 break
@@ -98,6 +103,7 @@ class GreedyBackwardElimination(Strategy):
             "verifications": verifications,
             "probe_rows": None if probe is None else int(probe.numel()),
             "dropped": len(dropped),
+            "lazy": self.lazy,
         }
         if target is None:
             return StrategyResult(self.name, ranking, None, None, time.perf_counter() - t0,
@@ -107,4 +113,6 @@ class GreedyBackwardElimination(Strategy):
                               problem.evaluations - before, info)
 
     def __repr__(self) -> str:
-        return f"GreedyBackwardElimination(probe_rows={self.probe_rows}, seed={self.seed}, retries={self.retries})"
+        lazy = ", lazy=True" if self.lazy else ""
+        return (f"GreedyBackwardElimination(probe_rows={self.probe_rows}, seed={self.seed}, "
+                f"retries={self.retries}{lazy})")
