@@ -17,7 +17,8 @@ Two steps answer it without the user tuning alpha:
    probe least (probe holding rate, ties broken by the mean log-sigmoid
    decision margin), verified on all of D'_c, with up to
    :data:`DROP_RETRIES` next-best candidates tried when it fails; it is greedy
-   backward elimination restricted to the calibrated set. ``"gate"`` tries each
+   backward elimination restricted to the calibrated set, its candidates
+   re-scored lazily (``_core.lazy``). ``"gate"`` tries each
    kept unit once, lowest gate first (the optimiser's own estimate).
 
 Measured on the paper's MNIST classifier at 99.5% (strict), all 10 classes
