@@ -22,9 +22,9 @@ Two steps answer it without the user tuning alpha:
    kept unit once, lowest gate first (the optimiser's own estimate).
 
 Measured on the paper's MNIST classifier at 99.5% (strict), all 10 classes
-(results/compare-mnist): 8.9 units on average in max2 and 6.9 in max1, in 10 s
-and 36 s per class, where greedy elimination over all units needed 10.9 and 7.2
-in 159 s and 275 s. Dropping lowest gate first instead left 11, 5 and 11 units
+(results/compare-mnist): 9.1 units on average in max2 and 6.8 in max1, in 9.7 s
+and 23.6 s per class, where greedy elimination over all units needed 10.9 and
+7.2 in 163 s and 247 s. Dropping lowest gate first instead left 11, 5 and 11 units
 for max2 classes 0-2 (an earlier run), least-harm drops 8, 5 and 11.
 
 Holding rates are judged on D'_c with the hard mask, in the requested reading.
