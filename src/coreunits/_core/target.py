@@ -153,8 +153,9 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
     """Holding rate (one reading) of a mask over all the cache's layers' units, concatenated.
 
     A single gated layer uses :class:`SelectionProblem` (its sparse fast path,
-    and its memory of scores already computed); several layers are evaluated directly. The probe score is computed on
-    ``probe_rows`` rows of D'_c drawn with ``seed`` (all of D'_c when it is smaller).
+    and its memory of scores already computed); several layers are evaluated
+    directly. The probe score is computed on ``probe_rows`` rows of D'_c drawn
+    with ``seed`` (all of D'_c when it is smaller).
     """
     sizes = [s.num_units for s in cache.specs]
     probe = random_rows(dprime.index, probe_rows, seed)
@@ -221,7 +222,9 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
     while rate < target and not bool(mask.all()):
         candidates = torch.nonzero(~mask).flatten().tolist()
         if judge.probe is not None:
-            best_j = _best_on_probe(judge, mask, candidates, _with, out)[0]
+            order, scored = best_first(candidates, lambda j, m=mask, p=judge.probe: p(_with(m, j)), None)
+            out.probe_evaluations += len(scored)
+            best_j = order[0]
             mask = _with(mask, best_j)
             _, rate = judge.reaches(mask, target)
             out.evaluations += 1
@@ -260,15 +263,6 @@ def _without(mask: torch.Tensor, j: int) -> torch.Tensor:
     trial = mask.clone()
     trial[j] = False
     return trial
-
-
-def _best_on_probe(judge: Judge, mask: torch.Tensor, candidates: list[int],
-                   trial: Callable[[torch.Tensor, int], torch.Tensor], out: Refinement) -> list[int]:
-    """``candidates`` ordered by the probe score of ``trial(mask, j)``, best first (stable among equal scores)."""
-    assert judge.probe is not None
-    scores = [judge.probe(trial(mask, j)) for j in candidates]
-    out.probe_evaluations += len(candidates)
-    return [j for _, j in sorted(zip(scores, candidates), key=lambda t: t[0], reverse=True)]
 
 
 def _try_drop(judge: Judge, mask: torch.Tensor, rate: float, j: int, target: float,
