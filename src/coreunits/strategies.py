@@ -15,6 +15,7 @@ Write your own by subclassing :class:`RankingStrategy` (implement ``rank``) or
 from coreunits._core.strategies import (
     CaptumConductance,
     GradientTimesActivation,
+    ExactGreedyElimination,
     GreedyBackwardElimination,
     HardConcreteL0,
     MeanActivation,
@@ -30,6 +31,7 @@ from coreunits._core.strategies import (
 __all__ = [
     "CaptumConductance",
     "GradientTimesActivation",
+    "ExactGreedyElimination",
     "GreedyBackwardElimination",
     "HardConcreteL0",
     "MeanActivation",

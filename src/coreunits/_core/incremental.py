@@ -94,27 +94,123 @@ class IncrementalCurve:
         that layer: the sparse masks that refinement and greedy search try are
         cheap. Exact: a masked unit contributes exactly zero.
         """
-        kept = torch.nonzero(mask.flatten().bool()).flatten().tolist()
-        lin = self.linear
         out = []
         with preserved_model_state(self.cache.model), torch.inference_mode(), self.post.activated():
             for chunk in rows.split(batch_size):
-                x = self.cache.frontier_rows(chunk)[0]
-                if isinstance(lin, nn.Linear):
-                    h = self._chain(x)
-                    cols_of = self._columns(x)
-                    cols = torch.cat([cols_of[j] for j in kept]) if kept else torch.zeros(0, dtype=torch.long)
-                    cols = cols.to(h.device)
-                    z = h.index_select(1, cols) @ lin.weight.index_select(1, cols).T
-                    if lin.bias is not None:
-                        z = z + lin.bias
-                else:
-                    # No unit kept: one zeroed channel gives the bias-only output with the right shape.
-                    idx = torch.tensor(kept or [0], dtype=torch.long, device=x.device)
-                    w = lin.weight.index_select(1, idx) * (1.0 if kept else 0.0)
-                    z = F.conv2d(x.index_select(1, idx), w, lin.bias, lin.stride, lin.padding, lin.dilation)
+                z = self.pre_activation(self.cache.frontier_rows(chunk)[0], mask)
                 out.append(self.post.suffix([z], [None]))
         return torch.cat(out)
+
+    def toggled_scores(self, rows: torch.Tensor, mask: torch.Tensor, candidates: Sequence[int],
+                       budget: int = 1 << 24) -> torch.Tensor:
+        """Scores ``(G, len(rows), H)`` of ``mask`` with each candidate unit toggled (dropped if kept, else added).
+
+        The next layer's pre-activation under ``mask`` is computed once per chunk
+        of rows; each candidate's own contribution is computed for all candidates
+        in one batched product (Linear) or one grouped convolution (Conv2d) and
+        subtracted or added, and the network after that layer runs once on all
+        G toggled masks stacked. Exact: what greedy elimination and add-back
+        score every candidate with, on all of D'_c. ``budget`` bounds the
+        floats of the stacked pre-activation per chunk.
+        """
+        mask = mask.flatten().bool().cpu()
+        cands = [int(j) for j in candidates]
+        g = len(cands)
+        sign = torch.tensor([-1.0 if mask[j] else 1.0 for j in cands])
+        out: list[torch.Tensor] = []
+        with preserved_model_state(self.cache.model), torch.inference_mode(), self.post.activated():
+            for chunk in rows.split(1024):
+                x = self.cache.frontier_rows(chunk)[0]
+                base = self.pre_activation(x, mask)
+                signs = sign.to(base.device, base.dtype).view(-1, *[1] * base.dim())
+                step = max(1, budget // (g * max(1, base[0].numel())))
+                for lo in range(0, len(chunk), step):
+                    b = base[lo : lo + step]
+                    z = b.unsqueeze(0) + signs * self._contributions(x[lo : lo + step], cands)
+                    scores = self.post.suffix([z.reshape(g * len(b), *b.shape[1:])], [None])
+                    out.append(scores.reshape(g, len(b), -1))
+        return torch.cat(out, dim=1)
+
+    def unit_contributions(self, rows: torch.Tensor, batch_size: int = 1024) -> torch.Tensor | None:
+        """Every unit's contribution to the next ``Linear``'s pre-activation, ``(len(rows), K, O)``.
+
+        Computed once (one pass of that layer), it turns every later toggled
+        mask into a subtraction or addition: the caller keeps it while its
+        memory is affordable (``SelectionProblem``). None for a ``Conv2d``, whose
+        per-unit contributions are whole feature maps.
+        """
+        lin = self.linear
+        if not isinstance(lin, nn.Linear):
+            return None
+        units = list(range(self.spec.num_units))
+        parts = []
+        with preserved_model_state(self.cache.model), torch.inference_mode():
+            for chunk in rows.split(batch_size):
+                parts.append(self._contributions(self.cache.frontier_rows(chunk)[0], units).transpose(0, 1).clone())
+        return torch.cat(parts)
+
+    def toggled_from_contributions(self, contrib: torch.Tensor, mask: torch.Tensor,
+                                   candidates: Sequence[int], budget: int = 1 << 24) -> torch.Tensor:
+        """:meth:`toggled_scores` from precomputed :meth:`unit_contributions` of the same rows."""
+        assert isinstance(self.linear, nn.Linear)
+        keep = mask.flatten().to(contrib.device, contrib.dtype)
+        cands = torch.tensor([int(j) for j in candidates], dtype=torch.long, device=contrib.device)
+        k, width = contrib.shape[1], contrib.shape[2]
+        bias = self.linear.bias if self.linear.bias is not None else contrib.new_zeros(width)
+        # Every unit toggled at once, (B, K, O) in the layout of the contributions (no transposed
+        # copies): cheaper than gathering the candidates when they are most of the units.
+        every = len(cands) * 2 > k
+        sign = (1.0 - 2.0 * keep).view(1, -1, 1)
+        out = []
+        step = max(1, budget // ((k if every else len(cands)) * width))
+        with preserved_model_state(self.cache.model), torch.inference_mode(), self.post.activated():
+            for lo in range(0, contrib.shape[0], step):
+                c = contrib[lo : lo + step]
+                base = (c.transpose(1, 2) @ keep + bias).unsqueeze(1)
+                if every:
+                    z = torch.addcmul(base, sign, c)
+                else:
+                    z = torch.addcmul(base, sign.index_select(1, cands), c.index_select(1, cands))
+                scores = self.post.suffix([z.reshape(-1, width)], [None]).reshape(len(c), z.shape[1], -1)
+                out.append(scores.index_select(1, cands) if every else scores)
+        return torch.cat(out, dim=0).transpose(0, 1)
+
+    def pre_activation(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The next layer's output (pre-activation) for frontier ``x`` with only ``mask``'s units kept."""
+        kept = torch.nonzero(mask.flatten().bool()).flatten().tolist()
+        lin = self.linear
+        if isinstance(lin, nn.Linear):
+            h = self._chain(x)
+            cols_of = self._columns(x)
+            cols = torch.cat([cols_of[j] for j in kept]) if kept else torch.zeros(0, dtype=torch.long)
+            cols = cols.to(h.device)
+            z = h.index_select(1, cols) @ lin.weight.index_select(1, cols).T
+            return z + lin.bias if lin.bias is not None else z
+        # No unit kept: one zeroed channel gives the bias-only output with the right shape.
+        idx = torch.tensor(kept or [0], dtype=torch.long, device=x.device)
+        w = lin.weight.index_select(1, idx) * (1.0 if kept else 0.0)
+        return F.conv2d(x.index_select(1, idx), w, lin.bias, lin.stride, lin.padding, lin.dilation)
+
+    def _contributions(self, x: torch.Tensor, cands: list[int]) -> torch.Tensor:
+        """Each candidate unit's own contribution to the next layer's pre-activation, ``(G, B, ...)``."""
+        lin = self.linear
+        g = len(cands)
+        if isinstance(lin, nn.Linear):
+            h = self._chain(x)
+            cols_of = self._columns(x)
+            sizes = {cols_of[j].numel() for j in cands}
+            if len(sizes) == 1:
+                idx = torch.stack([cols_of[j] for j in cands]).to(h.device)  # (G, L)
+                hg = h[:, idx].permute(1, 0, 2)  # (G, B, L)
+                wg = lin.weight.T[idx]  # (G, L, O)
+                return torch.bmm(hg, wg)
+            return torch.stack([h[:, cols_of[j].to(h.device)] @ lin.weight[:, cols_of[j].to(h.device)].T
+                                for j in cands])
+        idx = torch.tensor(cands, dtype=torch.long, device=x.device)
+        w = lin.weight.index_select(1, idx).transpose(0, 1).reshape(g * lin.out_channels, 1,
+                                                                      *lin.weight.shape[2:])
+        c = F.conv2d(x.index_select(1, idx), w, None, lin.stride, lin.padding, lin.dilation, groups=g)
+        return c.reshape(x.shape[0], g, lin.out_channels, *c.shape[2:]).transpose(0, 1)
 
     def scores(self, rows: torch.Tensor, order: torch.Tensor, ks: Sequence[int],
                batch_size: int = 1024) -> dict[int, torch.Tensor]:

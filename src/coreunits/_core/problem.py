@@ -17,9 +17,12 @@ D'_c, so a mask that misses the target is rejected after a small part of D'_c.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, build_dprime, check_class
@@ -40,6 +43,11 @@ READINGS = ("strict", "paper")
 
 #: Bytes of remembered scores per problem (a 2,048-row probe of 10 classes is 80 KiB).
 MEMO_BYTES = 64 << 20
+
+#: Most bytes a problem spends on its units' contributions to the next Linear layer
+#: (MNIST max2: 12,000 rows x 64 units x 1,024 features = 3.1 GB); above it, toggled
+#: masks compute the contributions per chunk instead (same scores, slower).
+CONTRIBUTION_BYTES = int(os.environ.get("COREUNITS_CONTRIBUTION_BYTES", str(4 << 30)))
 
 
 class SelectionProblem:
@@ -101,6 +109,7 @@ class SelectionProblem:
         self._memo: OrderedDict[bytes, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
         self._memo_bytes = 0
         self._risk: torch.Tensor | None = None  # positions of D'_c, closest to changing decision first
+        self._contrib: torch.Tensor | None | bool = False  # False: not tried yet; None: not affordable
 
     @property
     def num_units(self) -> int:
@@ -201,6 +210,84 @@ class SelectionProblem:
         full[positions.to(full.device)] = scores
         self._remember(key, None, full)
         return True, 1.0 - changed / n
+
+    def toggle_rates(self, mask: torch.Tensor, candidates: list[int], target: float | None = None,
+                     chunk: int = 1024) -> dict[int, tuple[float, float] | None]:
+        """Each candidate unit toggled in ``mask`` (dropped if kept, added if not), judged on all of D'_c.
+
+        Returns ``{unit: (holding rate, mean log-sigmoid signed margin)}``, the
+        margin separating masks that keep equally many decisions. With a
+        ``target`` (strict reading) a candidate is given up, as ``None``, once
+        more inputs changed decision under it than the target allows: the best
+        candidate that reaches the target, or the fact that none does, is
+        still exact. Rows are run closest-to-changing first, and all live
+        candidates at once through the incremental path where the layer feeds a
+        ``Linear`` or ``Conv2d`` (``IncrementalCurve.toggled_scores``).
+        """
+        from coreunits._core.incremental import build_incremental
+
+        mask = self._check(mask).bool().cpu()
+        n = len(self.rows)
+        evaluator = build_incremental(self.cache, self.layer) if len(self.cache.specs) == 1 else None
+        if evaluator is None or self.reading != "strict":
+            return {j: self._toggle_rate(mask, j, target) for j in candidates}
+        self.evaluations += len(candidates)
+        allowed = n if target is None else int((1.0 - target) * n + 1e-9)
+        order = self._risk if self._risk is not None else torch.arange(n)
+        changed = dict.fromkeys(candidates, 0)
+        margin = dict.fromkeys(candidates, 0.0)
+        alive = list(candidates)
+        # Building every unit's contribution costs about one pass of the next layer over D'_c:
+        # worth it for steps that score most units (greedy from all units), not for a small set.
+        contrib = self._contributions(evaluator) if len(candidates) * 4 >= self.num_units else None
+        if self._contrib is not False and self._contrib is not None:
+            contrib = self._contrib
+        for start in range(0, n, chunk):
+            if not alive:
+                break
+            pos = order[start : start + chunk]
+            if contrib is not None:
+                scores = evaluator.toggled_from_contributions(contrib[pos.to(contrib.device)], mask, alive)
+            else:
+                scores = evaluator.toggled_scores(self.rows[pos], mask, alive)
+            original = self.original[pos.to(self.original.device)]
+            m = decision_margin(scores.reshape(-1, scores.shape[-1]), self.target_class).reshape(len(alive), -1)
+            signed = torch.where(original, m, -m)
+            fails = (signed <= 0).sum(dim=1).tolist()
+            logsig = F.logsigmoid(signed.double()).sum(dim=1).tolist()
+            for j, f, ls in zip(alive, fails, logsig):
+                changed[j] += int(f)
+                margin[j] += float(ls)
+            alive = [j for j in alive if changed[j] <= allowed]
+        out: dict[int, tuple[float, float] | None] = dict.fromkeys(candidates)
+        for j in alive:
+            out[j] = (1.0 - changed[j] / n, margin[j] / n)
+        return out
+
+    def _contributions(self, evaluator: Any) -> torch.Tensor | None:
+        """The units' contributions to the next Linear on D'_c, built once when affordable."""
+        if self._contrib is False:
+            spec = evaluator.linear
+            size = len(self.rows) * self.num_units * getattr(spec, "out_features", 0) * 4
+            self._contrib = evaluator.unit_contributions(self.rows) if 0 < size <= CONTRIBUTION_BYTES else None
+        return self._contrib  # type: ignore[return-value]
+
+    def _toggle_rate(self, mask: torch.Tensor, j: int, target: float | None) -> tuple[float, float] | None:
+        """One toggled mask judged on its own (a layer the incremental path does not cover, or the paper reading)."""
+        trial = mask.clone()
+        trial[j] = not bool(mask[j])
+        if target is None:
+            self.evaluations += 1  # with a target, reaches() counts it
+        elif not self.reaches(trial, target)[0]:
+            return None
+        scores = self.scores(trial)
+        m = decision_margin(scores, self.target_class)
+        signed = torch.where(self.original, m, -m)
+        rates = _holding_rates(scores, self.original, self.target_class, None)
+        rate = rates.strict if self.reading == "strict" else rates.paper
+        if target is not None and rate < target:
+            return None
+        return rate, float(F.logsigmoid(signed.double()).mean())
 
     def _check(self, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.flatten()

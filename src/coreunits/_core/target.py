@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, random_rows
 from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
+from coreunits._core.elimination import Toggle, Trace, eliminate, exchange
 from coreunits._core.lazy import best_first
 from coreunits._core.objective import decision_margin
 
@@ -106,13 +107,18 @@ class Judge:
         rates: both readings of a mask's holding rate on all of D'_c (the final
             figures; a :class:`SelectionProblem` answers from the scores it
             remembers when the mask was just verified).
+        toggle: every candidate's removal scored on all of D'_c in one pass
+            (:meth:`SelectionProblem.toggle_rates`): the refinement ends with
+            exact elimination, so no single unit of the result can go.
     """
 
     def __init__(self, holding: Callable[[torch.Tensor], float],
                  reaches: Callable[[torch.Tensor, float], tuple[bool, float]] | None = None,
                  probe: Callable[[torch.Tensor], tuple[float, float]] | None = None,
-                 rates: Callable[[torch.Tensor], HoldingRates] | None = None) -> None:
+                 rates: Callable[[torch.Tensor], HoldingRates] | None = None,
+                 toggle: Toggle | None = None) -> None:
         self.holding = holding
+        self.toggle = toggle
         self._reaches = reaches
         self.probe = probe
         self.rates = rates
@@ -171,7 +177,7 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
         problem = SelectionProblem(cache, cache.specs[0].name, target_class, reading=reading, dprime=dprime)
         return Judge(problem.holding, problem.reaches,
                      lambda m: probe_score(problem.scores(m, probe_rows_idx), probe_original, target_class),
-                     problem.rates)
+                     problem.rates, problem.toggle_rates)
 
     def rates(mask: torch.Tensor) -> HoldingRates:
         return evaluate_gates(cache, dprime.index, split(mask), target_class)
@@ -243,6 +249,16 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
         out.evaluations += 1
     if rate >= target and drop_order == "least_harm":
         mask, rate = _drop_least_harm(judge, mask, rate, values, target, out)
+        if judge.toggle is not None:
+            # The probe's few retries can miss a unit that could still go: finish with exact
+            # elimination (every kept unit's removal judged on all of D'_c, one batched pass a step).
+            trace = Trace()
+            mask, exact_rate = eliminate(judge.toggle, mask, target, trace)
+            rate = rate if exact_rate is None else exact_rate
+            mask, rate = exchange(judge.toggle, mask, rate, target, trace=trace)
+            out.dropped += trace.dropped
+            out.added += trace.added
+            out.evaluations += trace.evaluations
     elif rate >= target:
         # Drop: lowest gate first (the optimiser's own estimate of what matters least).
         kept = torch.nonzero(mask).flatten()

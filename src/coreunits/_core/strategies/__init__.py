@@ -2,7 +2,7 @@
 
 from coreunits._core.strategies.base import RankingStrategy, Strategy, StrategyResult, smallest_top_k
 from coreunits._core.strategies.gates import HardConcreteL0, SwitchGates
-from coreunits._core.strategies.greedy import GreedyBackwardElimination
+from coreunits._core.strategies.greedy import ExactGreedyElimination, GreedyBackwardElimination
 from coreunits._core.strategies.rankings import (
     CaptumConductance,
     GradientTimesActivation,
@@ -14,6 +14,7 @@ from coreunits._core.strategies.shapley import TruncatedMonteCarloShapley
 __all__ = [
     "CaptumConductance",
     "GradientTimesActivation",
+    "ExactGreedyElimination",
     "GreedyBackwardElimination",
     "HardConcreteL0",
     "MeanActivation",
