@@ -30,7 +30,7 @@ from coreunits.data import (
     mnist_checksum,
     resolve_data_root,
 )
-from coreunits.models import CifarNet, MnistNet, build_model
+from coreunits.models import CifarNet, MnistMLP, MnistNet, build_model
 from coreunits.train import evaluate_accuracy, load_model, metadata_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,6 +331,22 @@ def test_standardize_matches_tf_definition() -> None:
     assert torch.equal(CifarNet().standardize(flat_image), torch.zeros_like(flat_image))
 
 
+def test_mlp_shapes_and_the_incremental_path_on_both_hidden_layers() -> None:
+    from coreunits import ActivationCache
+    from coreunits._core.incremental import build_incremental
+
+    torch.manual_seed(0)
+    model = build_model("mnist_mlp").eval()
+    assert isinstance(model, MnistMLP)
+    x = torch.rand(64, 1, 28, 28)
+    assert model(x).shape == (64, 10)
+    for layer, units in (("relu1", 128), ("relu2", 64)):
+        cache = ActivationCache(model, layer, x)
+        assert cache.specs[0].num_units == units
+        # Each hidden layer feeds a Linear: exact greedy's batched drop-one path applies.
+        assert build_incremental(cache, layer) is not None
+
+
 def test_build_model_unknown() -> None:
     with pytest.raises(ValueError, match="mnist"):
         build_model("resnet")
@@ -357,6 +373,12 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     metadata_path(path).unlink()
     with pytest.raises(FileNotFoundError, match="name="):
         load_model(path)
+    # The metadata names the model: an MLP checkpoint loads as the MLP.
+    mlp = MnistMLP().eval()
+    torch.save(mlp.state_dict(), path)
+    metadata_path(path).write_text(json.dumps({"model": "mnist_mlp"}))
+    assert isinstance(load_model(path), MnistMLP)
+    assert torch.equal(load_model(path)(x), mlp(x))
 
 
 def test_evaluate_accuracy_restores_mode() -> None:

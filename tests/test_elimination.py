@@ -80,6 +80,20 @@ def test_toggles_equal_judging_each_mask_alone(problem: SelectionProblem) -> Non
             assert got[1] == pytest.approx(alone[1], rel=1e-4, abs=1e-5)
 
 
+def test_toggles_on_a_probe_equal_judging_each_mask_on_the_probe(problem: SelectionProblem) -> None:
+    probe = torch.randperm(len(problem.rows), generator=torch.Generator().manual_seed(3))[:211]
+    mask = _masks(problem.num_units)[2]
+    every = list(range(problem.num_units))
+    evaluations = problem.evaluations
+    batched = problem.toggle_rates(mask, every, positions=probe, chunk=64)
+    assert problem.evaluations == evaluations  # a probe is not an evaluation on D'_c
+    for j in every:
+        alone = problem._toggle_rate(mask, j, None, problem.rows[probe])
+        got = batched[j]
+        assert got is not None and alone is not None
+        assert got[0] == pytest.approx(alone[0], abs=1e-6) and got[1] == pytest.approx(alone[1], rel=1e-4, abs=1e-5)
+
+
 def test_a_given_up_candidate_misses_the_target(problem: SelectionProblem) -> None:
     mask = torch.ones(problem.num_units, dtype=torch.bool)
     full = problem.toggle_rates(mask, list(range(problem.num_units)))

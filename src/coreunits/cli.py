@@ -18,6 +18,8 @@ from typing import Any
 __all__ = ["default_checkpoint", "main"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+#: ``coreunits train`` model -> checkpoint file stem.
+CHECKPOINT_STEMS = {"mnist": "mnist_cnn", "cifar10": "cifar10_cnn", "mnist_mlp": "mnist_mlp"}
 
 
 def default_checkpoint(model: str = "mnist") -> Path:
@@ -136,12 +138,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from coreunits import train
 
     _threads(args.threads)
-    out = args.out or f"checkpoints/{'mnist_cnn' if args.model == 'mnist' else 'cifar10_cnn'}.pt"
+    out = args.out or f"checkpoints/{CHECKPOINT_STEMS[args.model]}.pt"
     kwargs: dict[str, Any] = {"data_root": args.data_root, "out_path": out, "seed": args.seed,
                               "progress": not args.no_progress}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
-    fn = train.train_mnist if args.model == "mnist" else train.train_cifar10
+    if args.model == "mnist_mlp":
+        kwargs["model_name"] = "mnist_mlp"
+    fn = train.train_cifar10 if args.model == "cifar10" else train.train_mnist
     meta = fn(**kwargs)
     print(f"test accuracy {100 * meta['test_accuracy']:.2f}% after {meta['epochs']} epochs; wrote {out}")
     return 0
@@ -221,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the paper's MNIST or CIFAR-10 classifier",
                        description=cmd_train.__doc__)
     _add_common(p)
-    p.add_argument("model", choices=["mnist", "cifar10"])
-    p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/<model>_cnn.pt)")
+    p.add_argument("model", choices=list(CHECKPOINT_STEMS),
+                   help="the paper's CNNs (mnist, cifar10) or a two-hidden-layer MLP on MNIST (mnist_mlp)")
+    p.add_argument("--out", default=None,
+                   help="checkpoint path (default: checkpoints/mnist_cnn.pt, cifar10_cnn.pt or mnist_mlp.pt)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

@@ -421,12 +421,13 @@ def run(args: argparse.Namespace) -> int:
     from coreunits.cli import default_checkpoint
     from coreunits.data import get_mnist
     from coreunits.paper import coefficients
-    from coreunits.train import load_model
+    from coreunits.train import load_model, read_metadata
 
     torch.manual_seed(0)
     dataset = args.dataset
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(dataset)
-    model = load_model(ckpt, dataset)
+    # The checkpoint's metadata names its model (e.g. the MNIST MLP); without metadata, the paper's net.
+    model = load_model(ckpt, None if read_metadata(ckpt).get("model") else dataset)
     if dataset == "mnist":
         data, source = get_mnist(args.data_root, train=True, allow_sample=False)
         heldout, held_source = get_mnist(args.data_root, train=False, allow_sample=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "CifarNet", "MnistNet", "PerImageStandardize", "build_model"]
+__all__ = ["MODEL_NAMES", "CifarNet", "MnistMLP", "MnistNet", "PerImageStandardize", "build_model"]
 
 
 class MnistNet(nn.Module):
@@ -50,6 +50,30 @@ class MnistNet(nn.Module):
         x = self.flatten(x)
         x = self.dropout(self.relu3(self.fc1(x)))
         return self.fc2(x)
+
+
+class MnistMLP(nn.Module):
+    """A two-hidden-layer perceptron for MNIST: a classifier of another family than the paper's CNNs.
+
+    flatten -> fc1 (784 -> 128) -> relu1 -> fc2 (128 -> 64) -> relu2 -> fc3 (64 -> 10).
+    Gating ``relu1`` (128 units) or ``relu2`` (64 units) selects neurons, each feeding a Linear.
+
+    Input: float images (N, 1, 28, 28) in [0, 1]. Output: logits (N, 10).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(128, 64)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 10) of images (N, 1, 28, 28)."""
+        x = self.relu1(self.fc1(self.flatten(x)))
+        return self.fc3(self.relu2(self.fc2(x)))
 
 
 class PerImageStandardize(nn.Module):
@@ -133,15 +157,15 @@ class CifarNet(nn.Module):
 
 
 #: Names accepted by :func:`build_model`.
-MODEL_NAMES: tuple[str, ...] = ("mnist", "cifar10")
+MODEL_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist_mlp")
 
 
 def build_model(name: str) -> nn.Module:
     """Create an untrained model by name.
 
     Args:
-        name: ``"mnist"`` for :class:`MnistNet` or ``"cifar10"`` for :class:`CifarNet`
-            (case-insensitive).
+        name: ``"mnist"`` for :class:`MnistNet`, ``"cifar10"`` for :class:`CifarNet`,
+            ``"mnist_mlp"`` for :class:`MnistMLP` (case-insensitive).
 
     Returns:
         The freshly initialised model.
@@ -154,4 +178,6 @@ def build_model(name: str) -> nn.Module:
         return MnistNet()
     if key == "cifar10":
         return CifarNet()
+    if key == "mnist_mlp":
+        return MnistMLP()
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")

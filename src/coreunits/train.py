@@ -410,8 +410,9 @@ def train_mnist(
     *,
     resume: bool = False,
     device: str | torch.device | None = None,
+    model_name: str = "mnist",
 ) -> dict[str, Any]:
-    """Train :class:`coreunits.models.MnistNet` on the MNIST training set with Adam.
+    """Train :class:`coreunits.models.MnistNet` (or another MNIST model) on the MNIST training set with Adam.
 
     Seeding is deterministic (weights and dropout from ``torch.manual_seed(seed)``,
     shuffling from its own generator), so a rerun on the same device and thread
@@ -430,6 +431,7 @@ def train_mnist(
         progress: Show tqdm progress bars and a summary line per epoch.
         resume: Continue from ``<out>.resume.pt`` if an interrupted run left one.
         device: Device to train on; default CUDA when available, else CPU.
+        model_name: the :func:`coreunits.models.build_model` name (``"mnist_mlp"``: the MLP).
 
     Returns:
         The metadata dictionary that was written to the JSON file.
@@ -448,7 +450,7 @@ def train_mnist(
     dev = _resolve_device(device)
 
     torch.manual_seed(seed)
-    model = build_model("mnist").to(dev)
+    model = build_model(model_name).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     config = {"seed": seed, "batch_size": batch_size, "lr": lr, "optimizer": "Adam"}
     extra = {
@@ -459,7 +461,7 @@ def train_mnist(
         "test_size": len(test_ds),
     }
     return _fit(
-        model_name="mnist",
+        model_name=model_name,
         model=model,
         optimizer=optimizer,
         scheduler=None,

@@ -91,7 +91,7 @@ def add_back(toggle: Toggle, mask: torch.Tensor, rate: float, target: float,
 
 
 def exchange(toggle: Toggle, mask: torch.Tensor, rate: float, target: float, tries: int = SWAP_TRIES,
-             trace: Trace | None = None) -> tuple[torch.Tensor, float]:
+             trace: Trace | None = None, rank: Toggle | None = None) -> tuple[torch.Tensor, float]:
     """Swap outside units in where that lets more kept units go; repeat until no try helps.
 
     Elimination stops at a set from which no single unit can go; a smaller set
@@ -100,7 +100,8 @@ def exchange(toggle: Toggle, mask: torch.Tensor, rate: float, target: float, tri
     best: the unit is added and kept while elimination runs on the others
     (without that, elimination would drop it first and return to the same
     set), then once more with it free to go. The first try that ends smaller
-    than the current set is taken.
+    than the current set is taken. ``rank`` (default ``toggle``) scores the
+    additions for that order only: a probe of D'_c is enough to order them.
     """
     trace = trace if trace is not None else Trace()
     mask = mask.flatten().bool().cpu().clone()
@@ -108,7 +109,7 @@ def exchange(toggle: Toggle, mask: torch.Tensor, rate: float, target: float, tri
     while improved and not bool(mask.all()):
         improved = False
         outside = torch.nonzero(~mask).flatten().tolist()
-        scores = toggle(mask, outside, None)
+        scores = (rank or toggle)(mask, outside, None)
         trace.evaluations += len(outside)
         order = sorted(outside, key=lambda j: (scores[j] or (-1.0, float("-inf")), -j), reverse=True)
         for u in order[:tries]:

@@ -212,8 +212,11 @@ class SelectionProblem:
         return True, 1.0 - changed / n
 
     def toggle_rates(self, mask: torch.Tensor, candidates: list[int], target: float | None = None,
-                     chunk: int = 1024) -> dict[int, tuple[float, float] | None]:
+                     chunk: int = 1024, positions: torch.Tensor | None = None) -> dict[int, tuple[float, float] | None]:
         """Each candidate unit toggled in ``mask`` (dropped if kept, added if not), judged on all of D'_c.
+
+        ``positions`` (rows of D'_c, by position) judges on those rows only: a
+        probe, for ordering candidates cheaply (the figures are then the probe's).
 
         Returns ``{unit: (holding rate, mean log-sigmoid signed margin)}``, the
         margin separating masks that keep equally many decisions. With a
@@ -227,19 +230,26 @@ class SelectionProblem:
         from coreunits._core.incremental import build_incremental
 
         mask = self._check(mask).bool().cpu()
-        n = len(self.rows)
+        n = len(self.rows) if positions is None else len(positions)
         evaluator = build_incremental(self.cache, self.layer) if len(self.cache.specs) == 1 else None
         if evaluator is None or self.reading != "strict":
+            if positions is not None:
+                return {j: self._toggle_rate(mask, j, None, self.rows[positions]) for j in candidates}
             return {j: self._toggle_rate(mask, j, target) for j in candidates}
-        self.evaluations += len(candidates)
+        if positions is None:
+            self.evaluations += len(candidates)
         allowed = n if target is None else int((1.0 - target) * n + 1e-9)
-        order = self._risk if self._risk is not None else torch.arange(n)
+        if positions is not None:
+            order = positions
+        else:
+            order = self._risk if self._risk is not None else torch.arange(n)
         changed = dict.fromkeys(candidates, 0)
         margin = dict.fromkeys(candidates, 0.0)
         alive = list(candidates)
         # Building every unit's contribution costs about one pass of the next layer over D'_c:
         # worth it for steps that score most units (greedy from all units), not for a small set.
-        contrib = self._contributions(evaluator) if len(candidates) * 4 >= self.num_units else None
+        wide = len(candidates) * 4 >= self.num_units and positions is None
+        contrib = self._contributions(evaluator) if wide else None
         if self._contrib is not False and self._contrib is not None:
             contrib = self._contrib
         for start in range(0, n, chunk):
@@ -272,18 +282,26 @@ class SelectionProblem:
             self._contrib = evaluator.unit_contributions(self.rows) if 0 < size <= CONTRIBUTION_BYTES else None
         return self._contrib  # type: ignore[return-value]
 
-    def _toggle_rate(self, mask: torch.Tensor, j: int, target: float | None) -> tuple[float, float] | None:
-        """One toggled mask judged on its own (a layer the incremental path does not cover, or the paper reading)."""
+    def _toggle_rate(self, mask: torch.Tensor, j: int, target: float | None,
+                     rows: torch.Tensor | None = None) -> tuple[float, float] | None:
+        """One toggled mask judged on its own (a layer the incremental path does not cover, or the paper reading).
+
+        ``rows`` (cache rows of D'_c): judged on those only, as a probe, with no target.
+        """
         trial = mask.clone()
         trial[j] = not bool(mask[j])
-        if target is None:
+        if rows is not None:
+            scores = self.scores(trial, rows)
+            original = _original_decisions(self.cache, rows, self.target_class)
+        elif target is None:
             self.evaluations += 1  # with a target, reaches() counts it
         elif not self.reaches(trial, target)[0]:
             return None
-        scores = self.scores(trial)
+        if rows is None:
+            scores, original = self.scores(trial), self.original
         m = decision_margin(scores, self.target_class)
-        signed = torch.where(self.original, m, -m)
-        rates = _holding_rates(scores, self.original, self.target_class, None)
+        signed = torch.where(original, m, -m)
+        rates = _holding_rates(scores, original, self.target_class, None)
         rate = rates.strict if self.reading == "strict" else rates.paper
         if target is not None and rate < target:
             return None

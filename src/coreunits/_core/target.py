@@ -110,15 +110,17 @@ class Judge:
         toggle: every candidate's removal scored on all of D'_c in one pass
             (:meth:`SelectionProblem.toggle_rates`): the refinement ends with
             exact elimination, so no single unit of the result can go.
+        toggle_probe: the same on the probe of D'_c (orders swap candidates).
     """
 
     def __init__(self, holding: Callable[[torch.Tensor], float],
                  reaches: Callable[[torch.Tensor, float], tuple[bool, float]] | None = None,
                  probe: Callable[[torch.Tensor], tuple[float, float]] | None = None,
                  rates: Callable[[torch.Tensor], HoldingRates] | None = None,
-                 toggle: Toggle | None = None) -> None:
+                 toggle: Toggle | None = None, toggle_probe: Toggle | None = None) -> None:
         self.holding = holding
         self.toggle = toggle
+        self.toggle_probe = toggle_probe
         self._reaches = reaches
         self.probe = probe
         self.rates = rates
@@ -175,9 +177,14 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
         from coreunits._core.problem import SelectionProblem
 
         problem = SelectionProblem(cache, cache.specs[0].name, target_class, reading=reading, dprime=dprime)
+        positions = random_rows(torch.arange(len(problem.rows)), probe_rows, seed)
+
+        def toggle_probe(mask: torch.Tensor, cands: list[int], target: float | None) -> dict:
+            return problem.toggle_rates(mask, cands, target, positions=positions)
+
         return Judge(problem.holding, problem.reaches,
                      lambda m: probe_score(problem.scores(m, probe_rows_idx), probe_original, target_class),
-                     problem.rates, problem.toggle_rates)
+                     problem.rates, problem.toggle_rates, toggle_probe)
 
     def rates(mask: torch.Tensor) -> HoldingRates:
         return evaluate_gates(cache, dprime.index, split(mask), target_class)
@@ -255,7 +262,7 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
             trace = Trace()
             mask, exact_rate = eliminate(judge.toggle, mask, target, trace)
             rate = rate if exact_rate is None else exact_rate
-            mask, rate = exchange(judge.toggle, mask, rate, target, trace=trace)
+            mask, rate = exchange(judge.toggle, mask, rate, target, trace=trace, rank=judge.toggle_probe)
             out.dropped += trace.dropped
             out.added += trace.added
             out.evaluations += trace.evaluations
