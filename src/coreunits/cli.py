@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "(holding rates on D'_c with the hard 0/1 mask; 'paper' = center-based classifier, "
           "'strict' = argmax decision unchanged)")
     if args.out:
-        from coreunits._core.result import atomic_write_text
+        from coreunits._core.io import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({"source": source, "layer": args.layer, "results": results}, indent=1))
         print(f"wrote {args.out}")

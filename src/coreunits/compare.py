@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import statistics
 from collections.abc import Sequence
@@ -29,7 +28,8 @@ from torch.utils.data import DataLoader
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.problem import SelectionProblem
-from coreunits._core.result import atomic_write_text, fingerprint_of, read_record
+from coreunits._core.io import atomic_write_text, save_figure
+from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.strategies import Strategy
 from coreunits.report import csv_text
 
@@ -331,12 +331,8 @@ def _plot(records: list[dict[str, Any]], path: Path, target: float) -> bool:
         ax.set_title(f"{layer}: units each method needs")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
-    tmp = path.with_suffix(".tmp.png")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
     return True
 
 

@@ -19,17 +19,18 @@ import http.client
 import json
 import os
 import pickle
-import tempfile
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
+
+from coreunits._core.io import atomic_write, atomic_write_bytes
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -133,35 +134,6 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "coreunits"
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create ``path`` through ``write(file)`` so that readers never see a partial file.
-
-    The content goes to a temp file in the same directory, which is then renamed over
-    ``path`` (atomic on POSIX and Windows); on error the temp file is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600 files; give the result the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +321,7 @@ def download_mnist(root: str | os.PathLike[str], timeout: float = 10.0) -> Path:
                 f"checksum mismatch for {url}: MD5 {digest} of the decompressed file, "
                 f"expected {md5}"
             )
-        _atomic_write_bytes(target, data)
+        atomic_write_bytes(target, data)
     return raw
 
 
@@ -574,10 +546,10 @@ def _load_cifar_folder(
         except (OSError, ValueError):
             pass  # corrupt or partial cache: decode again
     images = _decode_images(files, progress, desc=f"decoding CIFAR-10 {split}")
-    _atomic_save_npy(images_npy, images)
-    _atomic_save_npy(labels_npy, labels)
+    atomic_write(images_npy, lambda f: np.save(f, images, allow_pickle=False))
+    atomic_write(labels_npy, lambda f: np.save(f, labels, allow_pickle=False))
     meta = {"checksum": checksum, "source": str(folder), "count": len(files), "split": split}
-    _atomic_write_bytes(meta_json, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(meta_json, json.dumps(meta, indent=2).encode())
     return images, labels
 
 

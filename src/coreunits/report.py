@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from coreunits._core.result import atomic_write_text
+from coreunits._core.io import atomic_write_text, save_figure
 from coreunits.data import CIFAR10_CLASSES
 from coreunits.paper import (
     PAPER_CIFAR10_TEST_ACCURACY,
@@ -126,7 +126,7 @@ def _plots(out: Path, spec: dict[str, Any], t1: list[dict[str, Any]], fig5: list
         ax.set_title(f"Fig. 4 ({layer}): units selected over {runs} runs (number = runs; orange = every run)",
                      fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"fig4_{layer}.png", dpi=120)
+        save_figure(fig, out / f"fig4_{layer}.png", dpi=120)
         plt.close(fig)
         made.append(f"fig4_{layer}.png")
     if fig5:
@@ -141,7 +141,7 @@ def _plots(out: Path, spec: dict[str, Any], t1: list[dict[str, Any]], fig5: list
             ax.set_title(f"class {rec['class']}: {rec['num_units']} px", fontsize=8)
         fig.suptitle("Fig. 5: input-layer gates (bright = kept pixel), positives-only D'_c", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / "fig5.png", dpi=120)
+        save_figure(fig, out / "fig5.png", dpi=120)
         plt.close(fig)
         made.append("fig5.png")
     if fig6:
@@ -160,7 +160,7 @@ def _plots(out: Path, spec: dict[str, Any], t1: list[dict[str, Any]], fig5: list
         ax.set_title(f"Fig. {spec['fig6'][3:]}: class {spec['class_names'][fig6['class']]}, max1", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"{spec['fig6']}.png", dpi=120)
+        save_figure(fig, out / f"{spec['fig6']}.png", dpi=120)
         plt.close(fig)
         made.append(f"{spec['fig6']}.png")
     return made

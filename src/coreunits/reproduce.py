@@ -23,7 +23,8 @@ import torch
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import build_dprime
 from coreunits._core.evaluation import evaluate_gates, removal_curve
-from coreunits._core.result import atomic_write_text, fingerprint_of, read_record
+from coreunits._core.io import atomic_write_text
+from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.selection import DEFAULTS, find_core_units
 from coreunits.paper import coefficients
 

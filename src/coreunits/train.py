@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from ._core.io import atomic_write, model_device
 from .data import (
     DATA_ENV_VAR,
-    _atomic_write,
     _locate_mnist,
     load_cifar10,
     load_mnist,
@@ -85,12 +85,12 @@ def _resume_path(checkpoint_path: Path) -> Path:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     # Atomic so that a crash mid-write leaves the previous checkpoint intact.
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_json(obj: dict[str, Any], path: Path) -> None:
     text = json.dumps(obj, indent=2) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,11 +135,6 @@ def load_model(checkpoint_path: str | os.PathLike[str], name: str | None = None)
 # ---------------------------------------------------------------------------
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,7 +176,7 @@ def evaluate_accuracy(
     Returns:
         Accuracy in [0, 1].
     """
-    dev = _model_device(model) if device is None else torch.device(device)
+    dev = model_device(model) if device is None else torch.device(device)
     was_training = model.training
     model.eval()
     correct = 0

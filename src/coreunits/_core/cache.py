@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from coreunits._core.engine import GatedModel, OutputFn, slice_frontier
 from coreunits._core.errors import DataError
 from coreunits._core.guard import preserved_model_state
+from coreunits._core.io import model_device
 from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
 
 __all__ = ["DEFAULT_CACHE_BUDGET", "ActivationCache", "iter_input_batches"]
@@ -63,12 +64,6 @@ def iter_input_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
         )
     for batch in loader:
         yield _first_tensor(batch)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _fingerprint(model: nn.Module) -> tuple[int, ...]:
@@ -118,10 +113,10 @@ class ActivationCache:
         from tqdm.auto import tqdm
 
         self.user_model = model
-        target = torch.device(device) if device is not None else _model_device(model)
+        target = torch.device(device) if device is not None else model_device(model)
         self.device = target
         # Never move the user's model: work on a copy when another device is asked for.
-        self.model = model if _model_device(model) == target else copy.deepcopy(model).to(target)
+        self.model = model if model_device(model) == target else copy.deepcopy(model).to(target)
         self.specs: list[LayerSpec] = resolve_layers(self.model, layers, unit_dim)
         self.output_fn = output_fn
         self.batch_size = batch_size
