@@ -43,6 +43,10 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _format_units(units: list[int], limit: int = 24) -> str:
     text = ",".join(str(u) for u in units[:limit])
     return text + (",..." if len(units) > limit else "")
@@ -82,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  {r.dprime['size']:>6}  [{_format_units(r.units[args.layer])}]",
             flush=True,
         )
-    print(f"\n{len(classes)} classes in {time.perf_counter() - t0:.1f} s "
+    print(f"\n{_plural(len(classes), 'class', 'classes')} in {time.perf_counter() - t0:.1f} s "
           "(holding rates on D'_c with the hard 0/1 mask; 'paper' = center-based classifier, "
           "'strict' = argmax decision unchanged)")
     if args.out:

@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from coreunits._core.cache import ActivationCache
-from coreunits._core.problem import SelectionProblem
 from coreunits._core.io import atomic_write_text, save_figure
+from coreunits._core.problem import SelectionProblem
+from coreunits._core.progress import progress_bar
 from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.strategies import Strategy
 from coreunits.report import csv_text
@@ -141,8 +142,6 @@ def compare_methods(
     Returns:
         One record per (class, method): units, holding rate, held-out holding rate, seconds, curve.
     """
-    from tqdm.auto import tqdm
-
     from coreunits import __version__
 
     methods = list(methods) if methods is not None else default_methods(seed)
@@ -175,7 +174,7 @@ def compare_methods(
     if runs_dir is not None:
         runs_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    bar = tqdm(total=len(classes) * len(methods), desc=f"compare {layer}", unit="method", disable=not progress)
+    bar = progress_bar(enabled=progress, total=len(classes) * len(methods), desc=f"compare {layer}", unit="method")
     try:
         for c in classes:
             problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)

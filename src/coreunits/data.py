@@ -28,9 +28,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from coreunits._core.io import atomic_write, atomic_write_bytes
+from coreunits._core.progress import progress_bar
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -508,9 +508,8 @@ def _decode_images(files: Sequence[Path], progress: bool, desc: str) -> np.ndarr
     from PIL import Image  # optional dependency, only needed for the JPEG layout
 
     out = np.empty((len(files), 3, 32, 32), dtype=np.uint8)
-    iterator: Iterable[tuple[int, Path]] = enumerate(files)
-    if progress:
-        iterator = tqdm(iterator, total=len(files), desc=desc, unit="img")
+    iterator: Iterable[tuple[int, Path]] = progress_bar(enumerate(files), enabled=progress, total=len(files),
+                                                        desc=desc, unit="img")
     for i, path in iterator:
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))

@@ -24,6 +24,7 @@ from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import build_dprime
 from coreunits._core.evaluation import evaluate_gates, removal_curve
 from coreunits._core.io import atomic_write_text
+from coreunits._core.progress import progress_bar
 from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.selection import DEFAULTS, find_core_units
 from coreunits.paper import coefficients
@@ -170,8 +171,6 @@ def run_dataset(
     Returns:
         The gathered results (also written to ``out/results.json``).
     """
-    from tqdm.auto import tqdm
-
     from coreunits import __version__
     from coreunits.cli import default_checkpoint
     from coreunits.data import get_mnist
@@ -213,8 +212,8 @@ def run_dataset(
         else:
             todo.append(w)
     cache_seconds = 0.0
-    bar = tqdm(total=len(works), initial=len(works) - len(todo), desc=f"reproduce {dataset}", unit="run",
-               disable=not progress)
+    bar = progress_bar(enabled=progress, total=len(works), initial=len(works) - len(todo),
+                       desc=f"reproduce {dataset}", unit="run")
     try:
         for layers, group in _groups(todo):
             t0 = time.perf_counter()

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
-from tqdm.auto import tqdm
 
 from ._core.io import atomic_write, model_device
+from ._core.progress import progress_bar
 from .data import (
     DATA_ENV_VAR,
     _locate_mnist,
@@ -318,9 +318,7 @@ def _fit(
         epoch_start = time.perf_counter()
         loss_sum = 0.0
         seen = 0
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress
-        )
+        bar = progress_bar(loader, enabled=progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if train_transform is not None:
@@ -385,7 +383,7 @@ def _fit(
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             _atomic_torch_save(state, resume_file)
         if progress:
-            tqdm.write(
+            bar.write(
                 f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}, "
                 f"test accuracy {accuracy:.4%}"
             )

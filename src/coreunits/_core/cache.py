@@ -26,6 +26,7 @@ from coreunits._core.errors import DataError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.io import model_device
 from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
+from coreunits._core.progress import progress_bar
 
 __all__ = ["DEFAULT_CACHE_BUDGET", "ActivationCache", "iter_input_batches"]
 
@@ -110,8 +111,6 @@ class ActivationCache:
         progress: bool = False,
         keep_inputs: bool = False,
     ) -> None:
-        from tqdm.auto import tqdm
-
         self.user_model = model
         target = torch.device(device) if device is not None else model_device(model)
         self.device = target
@@ -133,7 +132,7 @@ class ActivationCache:
             total = len(data)  # type: ignore[arg-type]
         except TypeError:
             pass
-        bar = tqdm(total=total, desc="caching activations", unit="input", disable=not progress, leave=False)
+        bar = progress_bar(enabled=progress, total=total, desc="caching activations", unit="input", leave=False)
         batches = (x for x in iter_input_batches(data, batch_size) if x.dim() > 0 and x.shape[0] > 0)
         with bar, preserved_model_state(self.model):
             first = next(batches, None)

@@ -43,6 +43,7 @@ from coreunits._core.gates import HardConcreteGate, SwitchGate
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import LayerArg, resolve_layers
 from coreunits._core.objective import center_margin, center_score, selection_loss
+from coreunits._core.progress import progress_bar
 from coreunits._core.result import CoreUnits
 from coreunits._core.target import DROP_ORDERS
 
@@ -275,9 +276,7 @@ def find_core_units(
     epoch_loss, epoch_sq, epoch_n = 0.0, 0.0, 0
     perm = torch.randperm(n, generator=index_gen)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, desc=f"class {target_class}", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(enabled=progress, total=total_steps, desc=f"class {target_class}", unit="step", leave=False)
     try:
         with preserved_model_state(cache.model), cache.gated.activated():
             for step in range(total_steps):

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, random_rows
-from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
 from coreunits._core.elimination import Toggle, Trace, eliminate, exchange
+from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
 from coreunits._core.lazy import best_first
 from coreunits._core.objective import decision_margin
 
