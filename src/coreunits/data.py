@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from coreunits._core.errors import MissingDataError
 from coreunits._core.io import atomic_write, atomic_write_bytes
 from coreunits._core.progress import progress_bar
 
@@ -167,13 +168,12 @@ def _find_mnist_files(root: Path, train: bool) -> tuple[Path, Path]:
         labels = _find_idx_file(directory, labels_name)
         if images is not None and labels is not None:
             return images, labels
-    looked = "\n".join(f"  - {d}" for d in searched)
-    raise FileNotFoundError(
-        f"MNIST {_split(train)} files ({images_name}[.gz], {labels_name}[.gz]) not found. "
-        f"Looked in:\n{looked}\n"
-        f"Fix: pass --data-root (data_root=...) pointing at a folder that contains "
-        f"MNIST/raw/, set the environment variable {DATA_ENV_VAR}, or let coreunits "
-        f"download MNIST (allow_download=True; needs internet access)."
+    looked = ", ".join(str(d) for d in searched)
+    # One line, and only what both a CLI user and a Python caller can act on.
+    raise MissingDataError(
+        f"MNIST {_split(train)} files ({images_name}[.gz], {labels_name}[.gz]) not found "
+        f"(looked in {looked}). Point --data-root (or {DATA_ENV_VAR}) at a folder that contains MNIST/raw/, "
+        f"or give no data root so that coreunits downloads MNIST into its cache (needs internet access)."
     )
 
 
@@ -414,7 +414,7 @@ def get_mnist(
         images_path, _ = _find_mnist_files(root, train)
         return dataset, f"MNIST {_split(train)} ({len(dataset)}) from {images_path.parent}"
     if not allow_sample:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"MNIST is not available ({reason}). Pass --data-root (data_root=...) or set "
             f"{DATA_ENV_VAR} to a folder containing MNIST/raw/."
         )
@@ -524,7 +524,7 @@ def _load_cifar_folder(
 ) -> tuple[np.ndarray, np.ndarray]:
     files, labels = _list_image_folder(folder, limit)
     if not files:
-        raise FileNotFoundError(f"{folder}: no images found")
+        raise MissingDataError(f"{folder}: no images found")
     checksum = _file_list_checksum(folder, files)
     stem = f"cifar10-{split}-{len(files)}-{checksum}"
     images_npy = cache / f"{stem}-images.npy"
@@ -609,7 +609,7 @@ def load_cifar10(
                 root_path / split,
             ]
             listing = "\n".join(f"  - {d}" for d in looked)
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"CIFAR-10 {split} data not found. Looked for:\n{listing}\n"
                 f"Fix: pass --data-root (data_root=...) or set {DATA_ENV_VAR} to a folder "
                 f"containing cifar-10-batches-py/ or cifar10-jpeg/{{train,test}}/<class>/."

@@ -14,12 +14,14 @@ attribution baselines the switch-gate selection is compared with:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import torch
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.engine import check_scores
+from coreunits._core.errors import OptionError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import INPUT, LayerSpec
 from coreunits._core.problem import SelectionProblem
@@ -218,14 +220,16 @@ class CaptumConductance(RankingStrategy):
 
     def __init__(self, method: str = "conductance", n_steps: int = 20, batch_size: int = 64) -> None:
         if method not in ("conductance", "grad_x_activation"):
-            raise ValueError(f"method must be 'conductance' or 'grad_x_activation', got {method!r}")
+            raise OptionError(f"method must be 'conductance' or 'grad_x_activation', got {method!r}")
         self.method, self.n_steps, self.batch_size = method, n_steps, batch_size
 
     def rank(self, problem: SelectionProblem) -> torch.Tensor:
         try:
-            from captum.attr import LayerConductance, LayerGradientXActivation
+            # Imported by name: captum ships no type information, and it is an optional extra.
+            attr = importlib.import_module("captum.attr")
         except ImportError as err:
             raise ImportError("CaptumConductance needs captum: pip install captum") from err
+        LayerConductance, LayerGradientXActivation = attr.LayerConductance, attr.LayerGradientXActivation
         cache, spec = problem.cache, problem.spec
         if spec.module is None:
             raise ValueError("captum's layer attributions need a module; use it on a hidden layer, not 'input'")
