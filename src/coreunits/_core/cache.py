@@ -122,6 +122,8 @@ class ActivationCache:
         self.budget = DEFAULT_CACHE_BUDGET if cache_budget is None else int(cache_budget)
         self.gated = GatedModel(self.model, self.specs, output_fn, engine)
         self._fingerprint = _fingerprint(model)
+        #: Where a faster path was not available, and why ("engine", "incremental:<layer>").
+        self.fallbacks: dict[str, str] = {}
 
         inputs: list[torch.Tensor] = []
         fronts: list[list[torch.Tensor]] = []
@@ -139,6 +141,8 @@ class ActivationCache:
             if first is None:
                 raise DataError("data is empty: it yielded no inputs; pass a Dataset or DataLoader with inputs")
             self.gated.probe(first.to(self.device))
+            if self.gated.fallback_reason is not None:
+                self.fallbacks["engine"] = f"forward hooks instead of the fx split: {self.gated.fallback_reason}"
             # A few real inputs, kept for building further splits of the model later.
             self.sample_inputs = first[:64].detach().to(self.device).clone()
             with self.gated.activated():

@@ -42,9 +42,11 @@ import torch.nn.functional as F
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, random_rows
 from coreunits._core.elimination import Toggle, Trace, eliminate, exchange
+from coreunits._core.errors import OptionError
 from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
 from coreunits._core.lazy import best_first
 from coreunits._core.objective import decision_margin
+from coreunits._core.problem import SelectionProblem
 
 __all__ = [
     "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "PROBE_ROWS", "Judge", "Refinement", "mask_judge",
@@ -172,8 +174,6 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
         return [m.float().to(cache.device) for m in mask.split(sizes)]
 
     if len(sizes) == 1:
-        from coreunits._core.problem import SelectionProblem
-
         problem = SelectionProblem(cache, cache.specs[0].name, target_class, reading=reading, dprime=dprime)
         return Judge(problem.holding, problem.reaches,
                      lambda m: probe_score(problem.scores(m, probe_rows_idx), probe_original, target_class),
@@ -215,7 +215,7 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
         reaches the target, the result keeps every unit that was added.
     """
     if drop_order not in DROP_ORDERS:
-        raise ValueError(f"drop_order must be one of {DROP_ORDERS}, got {drop_order!r}")
+        raise OptionError(f"drop_order must be one of {DROP_ORDERS}, got {drop_order!r}")
     if not isinstance(judge, Judge):
         judge = Judge(judge)
     mask = mask.flatten().bool().cpu().clone()
