@@ -258,6 +258,76 @@ def cifar10_train_transform(x: torch.Tensor, generator: torch.Generator) -> torc
 # ---------------------------------------------------------------------------
 
 
+def _restore(resume_file: Path, config: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, rngs: tuple[torch.Generator, torch.Generator],
+             device: torch.device) -> tuple[list[dict[str, Any]], int, float]:
+    """Load a resume state into the model, optimiser and generators: (history, next epoch, seconds so far)."""
+    state = torch.load(resume_file, map_location="cpu", weights_only=True)
+    if state["config"] != config:
+        raise ValueError(
+            f"{resume_file} was written with a different configuration "
+            f"({state['config']} vs {config}); delete it or pass resume=False"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    rngs[0].set_state(state["shuffle_rng"])
+    rngs[1].set_state(state["aug_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return list(state["history"]), int(state["epoch"]), float(state["train_seconds"])
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
+                 train_transform: TrainTransform | None, aug_gen: torch.Generator, bar_desc: str,
+                 progress: bool) -> float:
+    """One pass over the training data; returns the mean training loss."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_sum = 0.0
+    seen = 0
+    with progress_bar(loader, enabled=progress, desc=bar_desc, unit="batch") as bar:
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if train_transform is not None:
+                x = train_transform(x, aug_gen)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+    return loss_sum / max(seen, 1)
+
+
+def _resume_state(config: dict[str, Any], epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                  rngs: tuple[torch.Generator, torch.Generator], history: list[dict[str, Any]],
+                  train_seconds: float, device: torch.device) -> dict[str, Any]:
+    """Everything an interrupted run needs to continue exactly where it stopped."""
+    state = {
+        "config": config,
+        "epoch": epoch,
+        "model": _cpu_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "shuffle_rng": rngs[0].get_state(),
+        "aug_rng": rngs[1].get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+        "train_seconds": train_seconds,
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
 def _fit(
     *,
     model_name: str,
@@ -281,63 +351,31 @@ def _fit(
     """Shared epoch loop: train, evaluate, checkpoint + metadata + resume state."""
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
+    rngs = (shuffle_gen, aug_gen)
     # batch_size=None + a BatchSampler hands TensorDataset a list of indices per
     # batch: one fancy-index per batch instead of collating single samples.
     sampler = BatchSampler(RandomSampler(train_ds, generator=shuffle_gen), batch_size, False)
     loader = DataLoader(train_ds, batch_size=None, sampler=sampler)
-    loss_fn = nn.CrossEntropyLoss()
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
     elapsed_before = 0.0
     resume_file = _resume_path(out_path)
     if resume and resume_file.is_file():
-        state = torch.load(resume_file, map_location="cpu", weights_only=True)
-        if state["config"] != config:
-            raise ValueError(
-                f"{resume_file} was written with a different configuration "
-                f"({state['config']} vs {config}); delete it or pass resume=False"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        elapsed_before = float(state["train_seconds"])
+        history, start_epoch, elapsed_before = _restore(resume_file, config, model, optimizer, scheduler, rngs,
+                                                        device)
 
     meta: dict[str, Any] = {}
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        model.train()
         epoch_start = time.perf_counter()
-        loss_sum = 0.0
-        seen = 0
-        bar = progress_bar(loader, enabled=progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if train_transform is not None:
-                x = train_transform(x, aug_gen)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-        bar.close()
+        train_loss = _train_epoch(model, loader, optimizer, scheduler, device, train_transform, aug_gen,
+                                  f"epoch {epoch + 1}/{epochs}", progress)
         accuracy = evaluate_accuracy(model, test_ds, transform=eval_transform, device=device)
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
+                "train_loss": train_loss,
                 "test_accuracy": accuracy,
                 "seconds": round(time.perf_counter() - epoch_start, 2),
             }
@@ -367,26 +405,12 @@ def _fit(
         if done:
             resume_file.unlink(missing_ok=True)
         else:
-            state = {
-                "config": config,
-                "epoch": epoch + 1,
-                "model": _cpu_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "shuffle_rng": shuffle_gen.get_state(),
-                "aug_rng": aug_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "train_seconds": train_seconds,
-            }
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            _atomic_torch_save(state, resume_file)
+            _atomic_torch_save(_resume_state(config, epoch + 1, model, optimizer, scheduler, rngs, history,
+                                             train_seconds, device), resume_file)
         if progress:
-            bar.write(
-                f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}, "
-                f"test accuracy {accuracy:.4%}"
-            )
+            # A summary line per epoch, also where the bars are hidden (logs, CI).
+            print(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, test accuracy {accuracy:.4%}",
+                  flush=True)
     if not meta:  # nothing left to do (resumed after the last epoch)
         meta = json.loads(metadata_path(out_path).read_text())
     return meta
