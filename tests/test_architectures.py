@@ -29,7 +29,7 @@ from archs import (
     tabular_mlp,
     vgg_small,
 )
-from conftest import assert_same_state, model_state
+from helpers import assert_same_state, model_state
 from torch import nn
 
 from coreunits import (

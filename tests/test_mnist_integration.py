@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, shared_data_or_skip
+from helpers import REPO, shared_data_or_skip
 
 from coreunits import ActivationCache, find_core_units, holding_rate
 from coreunits.cli import main
