@@ -53,9 +53,13 @@ def test_demo_command_offline_on_bundled_sample(capsys, monkeypatch, tmp_path: P
     monkeypatch.delenv("COREUNITS_DATA", raising=False)
     out = tmp_path / "demo.json"
     rc = main(["demo", "--offline", "--no-progress", "--classes", "0", "1", "--threads", "2", "--out", str(out)])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert rc == 0
     assert "embedded sample of 2000 MNIST test digits" in text
+    # The fallback says that its answers are not the full data's, and how to get those.
+    assert "results differ from the full data" in captured.err and "DATA_ROOT" in captured.err
+    assert "2 classes in" in text
     assert "holding (strict)" in text and out.is_file()
 
 

@@ -24,6 +24,7 @@ from coreunits._core.engine import check_scores
 from coreunits._core.errors import OptionError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import INPUT, LayerSpec
+from coreunits._core.objective import decision_margin
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.strategies.base import RankingStrategy
 
@@ -32,7 +33,6 @@ __all__ = [
     "GradientTimesActivation",
     "MeanActivation",
     "RandomRanking",
-    "class_margin",
     "positive_rows",
 ]
 
@@ -42,17 +42,6 @@ _BATCH = 512
 def positive_rows(problem: SelectionProblem) -> torch.Tensor:
     """Cache rows of D'_c's positives (the inputs the model predicts as c)."""
     return problem.rows[problem.labels.cpu() > 0.5]
-
-
-def class_margin(scores: torch.Tensor, target_class: int) -> torch.Tensor:
-    """``s_c - max_{j != c} s_j`` per example: > 0 exactly when c is the (unique) argmax.
-
-    Not :func:`~coreunits._core.objective.center_margin`: that one is
-    ``max(s) - s_c`` and is identically 0 (with zero gradient) wherever c is
-    the argmax, i.e. on every positive, so it carries no attribution signal.
-    """
-    others = torch.cat([scores[:, :target_class], scores[:, target_class + 1 :]], dim=1)
-    return scores[:, target_class] - others.max(dim=1).values
 
 
 def _per_unit(t: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -161,7 +150,7 @@ class GradientTimesActivation(RankingStrategy):
 
     Per unit j, the mean over D'_c's positives of
     ``|sum_{e in unit j} a_e * d m / d a_e|`` with ``m = s_c - max_{i != c} s_i``
-    (:func:`class_margin`): the linear estimate of how much zeroing the unit
+    (:func:`~coreunits._core.objective.decision_margin`): the linear estimate of how much zeroing the unit
     moves the margin that decides "is it c?". It is computed as the gradient
     of ``m`` w.r.t. a per-example gate of ones on the layer (at ``g = 1``,
     ``dm/dg_j`` is exactly that sum), so it works wherever the gated model runs,
@@ -192,7 +181,8 @@ class GradientTimesActivation(RankingStrategy):
                 gate = torch.ones(chunk.numel(), k, device=cache.device, requires_grad=True)
                 gates: list[torch.Tensor | None] = [None] * len(cache.specs)
                 gates[problem.position] = gate
-                margin = class_margin(cache.gated.suffix(front, gates), problem.target_class)
+                # Not center_margin (max(s) - s_c): it is 0 with zero gradient wherever c is the argmax.
+                margin = decision_margin(cache.gated.suffix(front, gates), problem.target_class)
                 # Examples are independent (eval mode), so the gradient of the sum
                 # gives each example's own gradient in its row of the (B, K) gate.
                 (grad,) = torch.autograd.grad(margin.sum(), gate)
