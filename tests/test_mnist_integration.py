@@ -47,6 +47,8 @@ def test_max1_class0_on_real_mnist(mnist_model, mnist_test) -> None:
     assert sum(rates) / len(rates) < r.holding_rate_strict - 0.01
 
 
+# Slow: 169 s on 2 busy cores (the whole demo on the bundled sample).
+@pytest.mark.slow
 def test_demo_command_offline_on_bundled_sample(capsys, monkeypatch, tmp_path: Path) -> None:
     if not CKPT.is_file():
         pytest.skip("bundled MNIST checkpoint missing")
