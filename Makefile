@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # override (e.g. TORCH_SPEC="torch>=2.1") to use another build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 # The paper's MNIST classifier, layer max1: every class's core units and holding rate.
-# MNIST comes from DATA_ROOT / $$COREUNITS_DATA, a download, or the bundled sample.
+# MNIST comes from DATA_ROOT (make demo DATA_ROOT=/path/to/folder-with-MNIST) / $$COREUNITS_DATA,
+# a download, or the bundled 2,000-digit sample (whose results differ from the full data: it says so).
 demo: $(VENV)/.installed
 	$(PY) -m coreunits.cli demo $(if $(DATA_ROOT),--data-root $(DATA_ROOT),)
 
-# The whole suite (slow tests included, 7-11 minutes on 2 cores; see README).
+# Static checks, run first by `make test` (hence by CI's .ci/run): ruff, then mypy on the package.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy src
+
+# The whole suite (slow tests included; see README for measured times).
 # pytest exits 5 when it collects nothing: turn that into a loud failure.
-test: $(VENV)/.installed
+test: lint
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

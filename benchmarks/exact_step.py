@@ -22,9 +22,9 @@ import time
 import torch
 
 from coreunits import ActivationCache, SelectionProblem
-from coreunits.cli import default_checkpoint
 from coreunits.data import get_mnist
-from coreunits.train import load_model, read_metadata
+from coreunits.paper import default_checkpoint
+from coreunits.train import load_named_or
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or default_checkpoint("mnist")
-    model = load_model(ckpt, None if read_metadata(ckpt).get("model") else "mnist")
+    model = load_named_or(ckpt, "mnist")
     data, _ = get_mnist(args.data_root, train=True, allow_sample=False)
     cache = ActivationCache(model, args.layer, data, progress=False)
     for c in args.classes:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from coreunits import ActivationCache, SelectionProblem
-from coreunits.cli import default_checkpoint
 from coreunits.data import get_mnist
+from coreunits.paper import default_checkpoint
 from coreunits.strategies import GreedyBackwardElimination
 from coreunits.train import load_model
 

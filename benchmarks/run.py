@@ -37,12 +37,13 @@ import torch
 
 from coreunits import ActivationCache, find_core_units
 from coreunits._core.dprime import build_dprime
-from coreunits._core.evaluation import dense_masked_scores, removal_curve
+from coreunits._core.evaluation import removal_curve
 from coreunits._core.guard import preserved_model_state
+from coreunits._core.io import atomic_write_text
+from coreunits._core.scoring import dense_masked_scores
 from coreunits._core.selection import DEFAULTS
-from coreunits.cli import default_checkpoint
 from coreunits.data import get_mnist
-from coreunits.paper import coefficients
+from coreunits.paper import coefficients, default_checkpoint
 from coreunits.train import load_model
 
 
@@ -100,9 +101,7 @@ def write_section(path: Path, label: str, lines: list[str]) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic: an interrupted run leaves the old file
+    atomic_write_text(path, text)  # an interrupted run leaves the old file
 
 
 def main(argv: list[str] | None = None) -> int:

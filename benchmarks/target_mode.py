@@ -17,9 +17,8 @@ import time
 import torch
 
 from coreunits import ActivationCache, find_core_units
-from coreunits.cli import default_checkpoint
 from coreunits.data import get_mnist
-from coreunits.paper import coefficients
+from coreunits.paper import coefficients, default_checkpoint
 from coreunits.train import load_model
 
 

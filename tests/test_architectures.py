@@ -29,7 +29,7 @@ from archs import (
     tabular_mlp,
     vgg_small,
 )
-from conftest import assert_same_state, model_state
+from helpers import assert_same_state, model_state
 from torch import nn
 
 from coreunits import (
@@ -155,6 +155,8 @@ def test_resnet18_copy_is_faithful_to_torchvision() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+# Slow: 81-181 s per case for layer2.1 and layer1.0.bn2 on 2 busy cores.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layer", "total"), [("layer2.1", 32), ("layer3.0.conv2", 64), ("layer1.0.bn2", 16)]
 )
@@ -174,6 +176,8 @@ def test_resnet18_layers_in_train_mode_leave_model_untouched(resnet, layer: str,
     assert_untouched(model, snap)
 
 
+# Slow: 66 s on 2 busy cores.
+@pytest.mark.slow
 def test_resnet18_full_width_layer3(resnet_base) -> None:
     # The real widths (64..512): 256 channels in layer3. fx keeps the suffix small.
     _, x, _ = resnet_base
@@ -190,6 +194,8 @@ def test_resnet18_full_width_layer3(resnet_base) -> None:
     assert_untouched(model, snap)
 
 
+# Slow: 43-279 s per case on 2 busy cores.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layers",
     [["layer1.0.bn2"], ["layer3.0.conv2"], ["layer2.0.downsample.1"], ["layer2.1", "layer3.0.conv2"]],
@@ -313,6 +319,8 @@ def layer_output(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
+# Slow: 46-233 s per case on 2 busy cores.
+@pytest.mark.slow
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU], ids=["relu6-mobilenet", "silu-efficientnet"])
 @pytest.mark.parametrize(("layer", "total"), [("features.0.1", 8), ("features.2.conv.0.1", 24), ("features.3", 12)])
 def test_mobilenet_bn_followed_by_inplace_activation(act: type[nn.Module], layer: str, total: int) -> None:
@@ -441,6 +449,8 @@ def test_control_flow_off_the_gated_path_still_uses_fx() -> None:
 
 
 # --------------------------------------------------------------------------- precision and devices
+# Slow: 61-111 s per case on 2 busy cores.
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fx", "hooks"])
 def test_half_precision_model_and_inputs_work(resnet, engine: str) -> None:
     # Found behaviour: a float16 model with float16 inputs works on CPU with both

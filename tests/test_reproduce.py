@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared_data_or_skip
+from helpers import REPO, shared_data_or_skip
 
 from coreunits.cli import main
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same_state, model_state
+from helpers import assert_same_state, model_state
 from planted import PlantedNet, planted_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_same_state, model_state
+from helpers import assert_same_state, model_state
 from planted import PlantedNet, planted_data
 from torch import nn
 

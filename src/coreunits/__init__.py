@@ -14,11 +14,18 @@ Example:
 """
 
 from coreunits._core.cache import ActivationCache
-from coreunits._core.errors import CoreUnitsError, DataError, LayerNotFoundError, ModelOutputError
+from coreunits._core.errors import (
+    CoreUnitsError,
+    DataError,
+    LayerNotFoundError,
+    MissingDataError,
+    ModelOutputError,
+    OptionError,
+)
 from coreunits._core.evaluation import holding_rate, mask_units
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.result import CoreUnits
-from coreunits._core.selection import find_core_units
+from coreunits._core.selection import SelectionConfig, find_core_units
 from coreunits._core.stability import Stability, stability
 
 __version__ = "0.1.0"
@@ -29,7 +36,10 @@ __all__ = [
     "CoreUnitsError",
     "DataError",
     "LayerNotFoundError",
+    "MissingDataError",
     "ModelOutputError",
+    "OptionError",
+    "SelectionConfig",
     "SelectionProblem",
     "Stability",
     "__version__",

@@ -9,34 +9,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_checkpoint", "main"]
+from coreunits._core.errors import CoreUnitsError, OptionError
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["CHECKPOINT_STEMS", "METHOD_NAMES", "MNIST_LAYERS", "build_parser", "main"]
+
 #: ``coreunits train`` model -> checkpoint file stem.
 CHECKPOINT_STEMS = {"mnist": "mnist_cnn", "cifar10": "cifar10_cnn", "mnist_mlp": "mnist_mlp"}
 
+#: What ``coreunits compare --methods`` accepts (captum_conductance runs only when named).
+METHOD_NAMES: tuple[str, ...] = (
+    "switch_gates", "hard_concrete_l0", "greedy_exact", "greedy_backward", "tmc_shapley",
+    "grad_x_activation", "mean_activation", "random", "captum_conductance",
+)
 
-def default_checkpoint(model: str = "mnist") -> Path:
-    """The bundled checkpoint of the paper's ``model`` ("mnist" or "cifar10").
+#: Layers of the bundled MNIST classifier (``coreunits.models.MnistNet``), in forward order.
+MNIST_LAYERS: tuple[str, ...] = (
+    "input", "conv1", "relu1", "max1", "conv2", "relu2", "max2", "flatten", "fc1", "relu3", "dropout", "fc2",
+)
 
-    Looked up under ``./checkpoints`` first, then next to the source tree.
-    """
-    name = {"mnist": "mnist_cnn.pt", "cifar10": "cifar10_cnn.pt"}[model]
-    for base in (Path.cwd(), _REPO_ROOT):
-        path = base / "checkpoints" / name
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"no {model} checkpoint found at ./checkpoints/{name} or {_REPO_ROOT / 'checkpoints' / name}; "
-        f"train one with `coreunits train {model}` or pass --checkpoint"
-    )
-
+#: How the embedded sample's answers differ from the full data's (class 0, max1, seed 0): said with every
+#: fallback so that nobody takes the sample's numbers for the paper's.
+_SAMPLE_NOTE = (
+    "note: MNIST was not found, so this runs on the bundled sample of 2,000 test digits; its results differ "
+    "from the full data (class 0 keeps 12 units of max1 here, 6 on the full test split). "
+    "For the real numbers: make demo DATA_ROOT=/path/to/folder-with-MNIST (or --data-root)."
+)
 
 def _threads(n: int | None) -> None:
     import torch
@@ -45,22 +49,70 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _format_units(units: list[int], limit: int = 24) -> str:
     text = ",".join(str(u) for u in units[:limit])
     return text + (",..." if len(units) > limit else "")
 
 
+def _check_target(target: float | None) -> None:
+    if target is not None and not 0.0 < target <= 1.0:
+        raise OptionError(f"--target must be a holding rate in (0, 1], got {target:g}; e.g. --target 0.995")
+
+
+def _check_classes(classes: Sequence[int] | None, num_classes: int = 10) -> None:
+    bad = [c for c in classes or [] if not 0 <= c < num_classes]
+    if bad:
+        raise OptionError(f"class {bad[0]} is out of range: the model has {num_classes} classes, "
+                          f"so use 0..{num_classes - 1}")
+
+
+def _check_coefficients(args: argparse.Namespace) -> None:
+    for name in ("alpha", "lam"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise OptionError(f"--{name} must be >= 0, got {value:g}")
+    if getattr(args, "epochs", None) is not None and args.epochs < 0:
+        raise OptionError(f"--epochs must be >= 0, got {args.epochs}")
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _mnist_model(args: argparse.Namespace, layers: Sequence[str]) -> tuple[Any, Path]:
+    """The MNIST classifier and its checkpoint, with ``layers`` checked against it (before any data is read)."""
+    from coreunits._core.layers import resolve_layers
+    from coreunits.paper import default_checkpoint
+    from coreunits.train import load_named_or
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint("mnist")
+    model = load_named_or(ckpt, "mnist")
+    resolve_layers(model, list(layers))  # an unknown layer fails here, naming the model's layers
+    return model, ckpt
+
+
+def _mnist_data(args: argparse.Namespace, allow_download: bool = True) -> tuple[Any, str]:
+    from coreunits.data import get_mnist
+
+    data, source = get_mnist(args.data_root, train=args.split == "train", allow_download=allow_download)
+    if source.startswith("embedded sample"):
+        print(_SAMPLE_NOTE, file=sys.stderr, flush=True)
+    return data, source
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Core units of every class in one layer of the paper's MNIST classifier."""
     from coreunits import ActivationCache, find_core_units
-    from coreunits.data import get_mnist
     from coreunits.paper import coefficients
-    from coreunits.train import load_model
 
+    # Every option is checked before anything is printed or loaded.
+    _check_classes(args.classes)
+    _check_coefficients(args)
     _threads(args.threads)
-    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint("mnist")
-    model = load_model(ckpt)
-    data, source = get_mnist(args.data_root, train=args.split == "train", allow_download=not args.offline)
+    model, ckpt = _mnist_model(args, [args.layer])
+    data, source = _mnist_data(args, allow_download=not args.offline)
     coef = coefficients("mnist", [args.layer])
     alpha = args.alpha if args.alpha is not None else coef["alpha"]
     lam = args.lam if args.lam is not None else coef["lam"]
@@ -84,38 +136,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  {r.dprime['size']:>6}  [{_format_units(r.units[args.layer])}]",
             flush=True,
         )
-    print(f"\n{len(classes)} classes in {time.perf_counter() - t0:.1f} s "
+    print(f"\n{_plural(len(classes), 'class', 'classes')} in {time.perf_counter() - t0:.1f} s "
           "(holding rates on D'_c with the hard 0/1 mask; 'paper' = center-based classifier, "
           "'strict' = argmax decision unchanged)")
     if args.out:
-        from coreunits._core.result import atomic_write_text
+        from coreunits._core.io import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({"source": source, "layer": args.layer, "results": results}, indent=1))
         print(f"wrote {args.out}")
     return 0
 
 
-def cmd_find(args: argparse.Namespace) -> int:
-    """Core units of one class in one or more layers of the paper's MNIST classifier (or a checkpoint of it)."""
-    from coreunits import find_core_units
-    from coreunits.data import get_mnist
-    from coreunits.paper import coefficients
-    from coreunits.train import load_model
-
-    _threads(args.threads)
-    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint("mnist")
-    model = load_model(ckpt, "mnist")
-    data, source = get_mnist(args.data_root, train=args.split == "train")
-    coef = coefficients("mnist", args.layer)
-    r = find_core_units(
-        model, args.layer if len(args.layer) > 1 else args.layer[0], args.target_class, data,
-        alpha=args.alpha if args.alpha is not None else coef["alpha"],
-        lam=args.lam if args.lam is not None else coef["lam"],
-        epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
-        batch_size=args.batch_size, seed=args.seed,
-        positives_only=args.positives_only, progress=not args.no_progress,
-        target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order,
-    )
+def _print_found(r: Any, source: str) -> None:
     print(f"data: {source}")
     if "target" in r.settings:
         t = r.settings["target"]
@@ -127,6 +159,30 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(f"{layer}: {r.num_units[layer]} / {r.total_units[layer]} units: {r.units[layer]}")
     print(f"holding rate on D'_c: {100 * r.holding_rate:.2f}% (paper reading), "
           f"{100 * r.holding_rate_strict:.2f}% (strict)")
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    """Core units of one class in one or more layers of the paper's MNIST classifier (or a checkpoint of it)."""
+    from coreunits import find_core_units
+    from coreunits.paper import coefficients
+
+    _check_target(args.target)
+    _check_classes([args.target_class])
+    _check_coefficients(args)
+    _threads(args.threads)
+    model, _ = _mnist_model(args, args.layer)
+    data, source = _mnist_data(args)
+    coef = coefficients("mnist", args.layer)
+    r = find_core_units(
+        model, args.layer if len(args.layer) > 1 else args.layer[0], args.target_class, data,
+        alpha=args.alpha if args.alpha is not None else coef["alpha"],
+        lam=args.lam if args.lam is not None else coef["lam"],
+        epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
+        batch_size=args.batch_size, seed=args.seed,
+        positives_only=args.positives_only, progress=not args.no_progress,
+        target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order,
+    )
+    _print_found(r, source)
     if args.out:
         r.save(args.out)
         print(f"wrote {args.out}")
@@ -153,68 +209,121 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Reproduce the paper's experiments with a report."""
-    from coreunits import reproduce
+    from coreunits.reproduce import run_dataset
 
     _threads(args.threads)
-    return reproduce.run(args)
+    out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if args.quick else ""))
+    run_dataset(args.dataset, out, args.data_root, args.checkpoint, args.runs, args.quick,
+                progress=not args.no_progress, device=args.device)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and CSV/PNG files")
+    return 0
+
+
+def _compare_data(dataset: str, data_root: str | None) -> tuple[Any, str, Any, str]:
+    """(D'_c data, its description, held-out data, its description) for ``compare``."""
+    from coreunits.data import get_mnist
+    from coreunits.paper import cifar10_data
+
+    if dataset == "mnist":
+        data, source = get_mnist(data_root, train=True, allow_sample=False)
+        heldout, held_source = get_mnist(data_root, train=False, allow_sample=False)
+    else:
+        data, source = cifar10_data(data_root, quick=False)
+        heldout, held_source = cifar10_data(data_root, quick=True)
+    return data, source, heldout, held_source
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare unit-selection methods (switch gates, L0, greedy, Shapley, rankings, random) at a target."""
-    from coreunits import compare
+    import hashlib
 
+    import torch
+
+    from coreunits.compare import compare_methods, default_methods, write_comparison_report
+    from coreunits.paper import coefficients, default_checkpoint
+    from coreunits.train import load_named_or
+
+    _check_target(args.target)
+    _check_classes(args.classes)
     _threads(args.threads)
-    return compare.run(args)
+    torch.manual_seed(0)
+    dataset = args.dataset
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(dataset)
+    model = load_named_or(ckpt, dataset)
+    data, source, heldout, held_source = _compare_data(dataset, args.data_root)
+    out = Path(args.out) if args.out else Path("results") / f"compare-{dataset}"
+    tag = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] + f"/{len(data)}"
+    records = []
+    for layer in args.layers:
+        methods = default_methods(args.seed, coefficients(dataset, [layer]), args.methods)
+        records += compare_methods(model, layer, args.classes, data, target=args.target, methods=methods,
+                                   reading=args.reading, seed=args.seed, heldout_data=heldout, out=out,
+                                   progress=not args.no_progress, tag=tag, compute=not args.report_only)
+    description = (f"Classifier {ckpt.name}; D'_c from {source}; held-out D'_c from {held_source}; "
+                   f"{args.reading} holding rate; seed {args.seed}; {torch.get_num_threads()} CPU threads.")
+    command = ("coreunits compare " + dataset + " --layers " + " ".join(args.layers) + " --classes "
+               + " ".join(map(str, args.classes)) + f" --target {args.target}"
+               + (" --methods " + " ".join(args.methods) if args.methods else ""))
+    if args.report_only:
+        description += (f" Report of the stored records only: {len(records)} of "
+                        f"{len(args.layers) * len(args.classes) * len(methods)} (layer, class, method) runs are done; "
+                        "the same command without --report-only completes the rest.")
+    write_comparison_report(out, records, target=args.target, description=description, command=command)
+    print(f"wrote {out / 'report.md'} (and comparison.json, CSVs, PNG)")
+    return 0
+
+
+_SEED_HELP = "seed of D'_c's random negatives, its order and the gate noise (default 0)"
+_SPLIT_HELP = ("MNIST split D'_c is drawn from (default test: the split the bundled sample comes from, "
+               "so a fallback run matches it; the paper optimises on train)")
+_LAYER_NAMES = ", ".join(MNIST_LAYERS)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None,
                    help="folder with the dataset (MNIST/raw/ or CIFAR-10); default $COREUNITS_DATA, "
-                        "else download (MNIST), else the bundled sample (demo)")
+                        "else download (MNIST), else the bundled sample (demo, find)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (they are hidden anyway when stderr is not a terminal)")
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="cost of a unit (default: the paper setting)")
     p.add_argument("--lam", type=float, default=None, help="phi penalty weight (default: the paper setting)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``coreunits`` command."""
-    parser = argparse.ArgumentParser(
-        prog="coreunits",
-        description="Find the core units of a trained classifier (switch gates + IBP-MAP objective).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="core units of every MNIST class in one layer of the paper's classifier",
                        description=cmd_demo.__doc__)
     _add_common(p)
     p.add_argument("--checkpoint", default=None, help="MNIST checkpoint (default: the bundled one)")
-    p.add_argument("--layer", default="max1", help="layer to explain (default: max1)")
-    p.add_argument("--split", choices=["train", "test"], default="test", help="MNIST split used for D'_c")
-    p.add_argument("--classes", type=int, nargs="*", default=None, help="classes (default: all)")
+    p.add_argument("--layer", default="max1", help=f"layer to explain (default: max1); one of {_LAYER_NAMES}")
+    p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)
+    p.add_argument("--classes", type=int, nargs="*", default=None, help="classes 0..9 (default: all)")
     _add_selection(p)
     p.add_argument("--offline", action="store_true", help="do not try to download MNIST")
     p.add_argument("--out", default=None, help="also write every result as JSON here")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_find(sub: Any) -> None:
     p = sub.add_parser("find", help="core units of one class of a bundled or checkpointed model",
                        description=cmd_find.__doc__)
     _add_common(p)
     p.add_argument("--checkpoint", default=None, help="checkpoint (.pt with its .json metadata)")
     p.add_argument("--layer", action="append", required=True,
-                   help="layer name (repeat for simultaneous selection; 'input' for pixels)")
-    p.add_argument("--class", dest="target_class", type=int, required=True, help="class of interest")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+                   help=f"layer name (repeat for simultaneous selection); the bundled model's layers: {_LAYER_NAMES}")
+    p.add_argument("--class", dest="target_class", type=int, required=True, help="class of interest (0..9)")
+    p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)
     _add_selection(p)
     p.add_argument("--epochs", type=int, default=None, help="default: the paper setting for the layer")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--positives-only", action="store_true", help="D'_c from positives only (paper: input layer)")
     p.add_argument("--target", type=float, default=None,
-                   help="target mode: the fewest units whose holding rate on D'_c reaches this (e.g. 0.995)")
+                   help="target mode: the fewest units whose holding rate on D'_c reaches this (in (0, 1], "
+                        "e.g. 0.995)")
     p.add_argument("--reading", choices=["strict", "paper"], default="strict",
                    help="holding-rate reading the target is judged in (default: strict)")
     p.add_argument("--drop-order", choices=["least_harm", "gate"], default="least_harm",
@@ -222,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_find)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train the paper's MNIST or CIFAR-10 classifier",
                        description=cmd_train.__doc__)
     _add_common(p)
@@ -230,9 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="checkpoint path (default: checkpoints/mnist_cnn.pt, cifar10_cnn.pt or mnist_mlp.pt)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_reproduce(sub: Any) -> None:
     p = sub.add_parser("reproduce", help="reproduce the paper's tables and figures with a report",
                        description=cmd_reproduce.__doc__)
     _add_common(p)
@@ -244,33 +357,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where to select, e.g. cuda (default: cpu)")
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="compare unit-selection methods at a target holding rate, with a report",
                        description=cmd_compare.__doc__)
     _add_common(p)
     p.add_argument("dataset", choices=["mnist", "cifar10"])
-    p.add_argument("--layers", nargs="+", default=["max1", "max2"])
-    p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--target", type=float, default=0.995, help="holding rate to reach (default 0.995)")
+    p.add_argument("--layers", nargs="+", default=["max1", "max2"],
+                   help="layers whose units are chosen, one comparison each (default: max1 max2)")
+    p.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="classes (default: 0..9)")
+    p.add_argument("--target", type=float, default=0.995, help="holding rate to reach, in (0, 1] (default 0.995)")
     p.add_argument("--reading", choices=["strict", "paper"], default="strict")
-    p.add_argument("--methods", nargs="+", default=None, help="method names (default: all available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES, metavar="METHOD",
+                   help="methods to run (default: all but captum_conductance): " + ", ".join(METHOD_NAMES))
+    p.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--out", default=None, help="output folder (default: results/compare-<dataset>)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs stored in --out, computing nothing")
     p.set_defaults(func=cmd_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``coreunits`` command."""
+    parser = argparse.ArgumentParser(
+        prog="coreunits",
+        description="Find the core units of a trained classifier (switch gates + IBP-MAP objective).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_find, _add_train, _add_reproduce, _add_compare):
+        add(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``coreunits`` command."""
-    from coreunits._core.errors import CoreUnitsError
+def _one_line(err: BaseException) -> str:
+    # A usage error is one line: multi-line messages (paths searched) are joined.
+    return " ".join(str(err).split())
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``coreunits`` command.
+
+    Usage errors (bad options, unknown layers, missing data or checkpoints)
+    print one line ``coreunits: error: ...`` on stderr and return 2, as
+    argparse does for its own; anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="coreunits: %(levelname)s: %(message)s")
     try:
         return int(args.func(args))
     except (CoreUnitsError, FileNotFoundError) as err:
-        print(f"coreunits: error: {err}", file=sys.stderr)
+        print(f"coreunits: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

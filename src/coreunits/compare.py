@@ -14,12 +14,9 @@ done (atomically); a rerun skips what is done, so a long comparison resumes.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import io
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +25,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from coreunits._core.cache import ActivationCache
+from coreunits._core.errors import DataError, OptionError
+from coreunits._core.io import atomic_write_text, save_figure
 from coreunits._core.problem import SelectionProblem
-from coreunits._core.result import atomic_write_text, fingerprint_of, read_record
+from coreunits._core.progress import progress_bar
+from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.strategies import Strategy
 from coreunits.report import csv_text
 
-__all__ = ["compare_methods", "default_methods", "headline", "run", "summarize", "write_comparison_report"]
+__all__ = ["compare_methods", "default_methods", "headline", "summarize", "write_comparison_report"]
 
 #: Rows of D'_c the plotted curves are measured on (the k each method needs is exact, on all of D'_c).
 CURVE_PROBE_ROWS = 2048
@@ -79,7 +79,7 @@ def default_methods(seed: int = 0, gate_options: dict[str, Any] | None = None,
         known = {m.name for m in methods}
         unknown = set(include) - known
         if unknown:
-            raise ValueError(f"unknown method(s) {sorted(unknown)}; available: {sorted(known)}")
+            raise OptionError(f"unknown method(s) {sorted(unknown)}; available: {sorted(known)}")
         methods = [m for m in methods if m.name in include]
     return methods
 
@@ -99,7 +99,33 @@ def _probe_curve(problem: SelectionProblem, ranking: torch.Tensor) -> list[dict[
 
 def _num_inputs(data: Any) -> int:
     """How many inputs ``data`` holds (a DataLoader's ``len`` counts batches)."""
-    return len(data.dataset) if isinstance(data, DataLoader) else len(data)
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if not isinstance(dataset, Sized):
+        raise DataError(f"compare needs data of known size (a Dataset, DataLoader over one, or tensor), "
+                        f"got {type(dataset).__name__}")
+    return len(dataset)
+
+
+def _run_method(method: Strategy, problem: SelectionProblem, target: float, held: ActivationCache | None,
+                curves: bool) -> dict[str, Any]:
+    """One method on one problem: its set, holding rates (D'_c and held out), time and curve, as a record."""
+    res = method.run(problem, target)
+    assert res.mask is not None
+    record = {
+        "layer": problem.layer, "target_class": problem.target_class,
+        "method": method.name, "target": target, "reading": problem.reading,
+        "units": res.units, "num_units": res.num_units, "total_units": problem.num_units,
+        "holding_rate": res.holding_rate, "reached": (res.holding_rate or 0.0) >= target,
+        "seconds": res.seconds, "evaluations": res.evaluations,
+        "dprime_size": len(problem.rows), "info": res.info,
+    }
+    if held is not None:
+        hp = SelectionProblem(held, problem.layer, problem.target_class, seed=problem.seed, reading=problem.reading)
+        record["heldout_holding_rate"] = hp.holding(res.mask)
+        record["heldout_dprime_size"] = len(hp.rows)
+    if curves and res.ranking is not None:
+        record["curve"] = _probe_curve(problem, res.ranking)
+    return record
 
 
 def compare_methods(
@@ -141,8 +167,6 @@ def compare_methods(
     Returns:
         One record per (class, method): units, holding rate, held-out holding rate, seconds, curve.
     """
-    from tqdm.auto import tqdm
-
     from coreunits import __version__
 
     methods = list(methods) if methods is not None else default_methods(seed)
@@ -155,15 +179,10 @@ def compare_methods(
 
     if not compute:
         if out is None:
-            raise ValueError("compute=False reads stored records: give out")
-        found = []
-        for c in classes:
-            for method in methods:
-                key, fingerprint = identity(c, method)
-                record = read_record(Path(out) / "runs" / f"{key}.json", fingerprint)
-                if record is not None:
-                    found.append(record)
-        return found
+            raise OptionError("compute=False reads stored records: give out")
+        stored = (read_record(Path(out) / "runs" / f"{key}.json", fp)
+                  for key, fp in (identity(c, m) for c in classes for m in methods))
+        return [r for r in stored if r is not None]
     needs_inputs = any(m.name.startswith("captum") for m in methods)
     cache = data if isinstance(data, ActivationCache) else ActivationCache(
         model, layer, data, batch_size=1000, keep_inputs=needs_inputs)
@@ -175,7 +194,7 @@ def compare_methods(
     if runs_dir is not None:
         runs_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    bar = tqdm(total=len(classes) * len(methods), desc=f"compare {layer}", unit="method", disable=not progress)
+    bar = progress_bar(enabled=progress, total=len(classes) * len(methods), desc=f"compare {layer}", unit="method")
     try:
         for c in classes:
             problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)
@@ -185,22 +204,8 @@ def compare_methods(
                 record = read_record(path, fingerprint) if path is not None else None
                 if record is None:
                     bar.set_postfix_str(key)
-                    res = method.run(problem, target)
-                    assert res.mask is not None
-                    record = {
-                        "key": key, "fingerprint": fingerprint, "layer": layer, "target_class": c,
-                        "method": method.name, "target": target, "reading": reading,
-                        "units": res.units, "num_units": res.num_units, "total_units": problem.num_units,
-                        "holding_rate": res.holding_rate, "reached": (res.holding_rate or 0.0) >= target,
-                        "seconds": res.seconds, "evaluations": res.evaluations,
-                        "dprime_size": len(problem.rows), "info": res.info,
-                    }
-                    if held is not None:
-                        hp = SelectionProblem(held, layer, c, seed=seed, reading=reading)
-                        record["heldout_holding_rate"] = hp.holding(res.mask)
-                        record["heldout_dprime_size"] = len(hp.rows)
-                    if curves and res.ranking is not None:
-                        record["curve"] = _probe_curve(problem, res.ranking)
+                    record = {"key": key, "fingerprint": fingerprint} | _run_method(
+                        method, problem, target, held, curves)
                     if path is not None:
                         atomic_write_text(path, json.dumps(record, default=str))
                 records.append(record)
@@ -331,12 +336,8 @@ def _plot(records: list[dict[str, Any]], path: Path, target: float) -> bool:
         ax.set_title(f"{layer}: units each method needs")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
-    tmp = path.with_suffix(".tmp.png")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
     return True
 
 
@@ -413,47 +414,3 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
     lines += ["Files: comparison.json (all records), table.csv, summary.csv, curves.csv.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return result
-
-
-# ------------------------------------------------------------------ CLI
-def run(args: argparse.Namespace) -> int:
-    """CLI entry for ``coreunits compare`` on the paper's classifiers."""
-    from coreunits.cli import default_checkpoint
-    from coreunits.data import get_mnist
-    from coreunits.paper import coefficients
-    from coreunits.train import load_model, read_metadata
-
-    torch.manual_seed(0)
-    dataset = args.dataset
-    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(dataset)
-    # The checkpoint's metadata names its model (e.g. the MNIST MLP); without metadata, the paper's net.
-    model = load_model(ckpt, None if read_metadata(ckpt).get("model") else dataset)
-    if dataset == "mnist":
-        data, source = get_mnist(args.data_root, train=True, allow_sample=False)
-        heldout, held_source = get_mnist(args.data_root, train=False, allow_sample=False)
-    else:
-        from coreunits.reproduce import _cifar10_data
-
-        data, source = _cifar10_data(args.data_root, quick=False)
-        heldout, held_source = _cifar10_data(args.data_root, quick=True)
-    out = Path(args.out) if args.out else Path("results") / f"compare-{dataset}"
-    tag = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] + f"/{len(data)}"
-    records = []
-    for layer in args.layers:
-        methods = default_methods(args.seed, coefficients(dataset, [layer]), args.methods)
-        records += compare_methods(model, layer, args.classes, data, target=args.target, methods=methods,
-                                   reading=args.reading, seed=args.seed, heldout_data=heldout, out=out,
-                                   progress=not args.no_progress, tag=tag,
-                                   compute=not getattr(args, "report_only", False))
-    description = (f"Classifier {ckpt.name}; D'_c from {source}; held-out D'_c from {held_source}; "
-                   f"{args.reading} holding rate; seed {args.seed}; {torch.get_num_threads()} CPU threads.")
-    command = ("coreunits compare " + dataset + " --layers " + " ".join(args.layers) + " --classes "
-               + " ".join(map(str, args.classes)) + f" --target {args.target}"
-               + (" --methods " + " ".join(args.methods) if args.methods else ""))
-    if getattr(args, "report_only", False):
-        description += (f" Report of the stored records only: {len(records)} of "
-                        f"{len(args.layers) * len(args.classes) * len(methods)} (layer, class, method) runs are done; "
-                        "the same command without --report-only completes the rest.")
-    write_comparison_report(out, records, target=args.target, description=description, command=command)
-    print(f"wrote {out / 'report.md'} (and comparison.json, CSVs, PNG)")
-    return 0

@@ -19,17 +19,19 @@ import http.client
 import json
 import os
 import pickle
-import tempfile
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
+
+from coreunits._core.errors import MissingDataError
+from coreunits._core.io import atomic_write, atomic_write_bytes
+from coreunits._core.progress import progress_bar
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -135,35 +137,6 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return base / "coreunits"
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create ``path`` through ``write(file)`` so that readers never see a partial file.
-
-    The content goes to a temp file in the same directory, which is then renamed over
-    ``path`` (atomic on POSIX and Windows); on error the temp file is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600 files; give the result the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
 # ---------------------------------------------------------------------------
 # MNIST
 # ---------------------------------------------------------------------------
@@ -195,13 +168,12 @@ def _find_mnist_files(root: Path, train: bool) -> tuple[Path, Path]:
         labels = _find_idx_file(directory, labels_name)
         if images is not None and labels is not None:
             return images, labels
-    looked = "\n".join(f"  - {d}" for d in searched)
-    raise FileNotFoundError(
-        f"MNIST {_split(train)} files ({images_name}[.gz], {labels_name}[.gz]) not found. "
-        f"Looked in:\n{looked}\n"
-        f"Fix: pass --data-root (data_root=...) pointing at a folder that contains "
-        f"MNIST/raw/, set the environment variable {DATA_ENV_VAR}, or let coreunits "
-        f"download MNIST (allow_download=True; needs internet access)."
+    looked = ", ".join(str(d) for d in searched)
+    # One line, and only what both a CLI user and a Python caller can act on.
+    raise MissingDataError(
+        f"MNIST {_split(train)} files ({images_name}[.gz], {labels_name}[.gz]) not found "
+        f"(looked in {looked}). Point --data-root (or {DATA_ENV_VAR}) at a folder that contains MNIST/raw/, "
+        f"or give no data root so that coreunits downloads MNIST into its cache (needs internet access)."
     )
 
 
@@ -349,7 +321,7 @@ def download_mnist(root: str | os.PathLike[str], timeout: float = 10.0) -> Path:
                 f"checksum mismatch for {url}: MD5 {digest} of the decompressed file, "
                 f"expected {md5}"
             )
-        _atomic_write_bytes(target, data)
+        atomic_write_bytes(target, data)
     return raw
 
 
@@ -442,7 +414,7 @@ def get_mnist(
         images_path, _ = _find_mnist_files(root, train)
         return dataset, f"MNIST {_split(train)} ({len(dataset)}) from {images_path.parent}"
     if not allow_sample:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"MNIST is not available ({reason}). Pass --data-root (data_root=...) or set "
             f"{DATA_ENV_VAR} to a folder containing MNIST/raw/."
         )
@@ -536,9 +508,8 @@ def _decode_images(files: Sequence[Path], progress: bool, desc: str) -> np.ndarr
     from PIL import Image  # optional dependency, only needed for the JPEG layout
 
     out = np.empty((len(files), 3, 32, 32), dtype=np.uint8)
-    iterator: Iterable[tuple[int, Path]] = enumerate(files)
-    if progress:
-        iterator = tqdm(iterator, total=len(files), desc=desc, unit="img")
+    iterator: Iterable[tuple[int, Path]] = progress_bar(enumerate(files), enabled=progress, total=len(files),
+                                                        desc=desc, unit="img")
     for i, path in iterator:
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))
@@ -553,7 +524,7 @@ def _load_cifar_folder(
 ) -> tuple[np.ndarray, np.ndarray]:
     files, labels = _list_image_folder(folder, limit)
     if not files:
-        raise FileNotFoundError(f"{folder}: no images found")
+        raise MissingDataError(f"{folder}: no images found")
     checksum = _file_list_checksum(folder, files)
     stem = f"cifar10-{split}-{len(files)}-{checksum}"
     images_npy = cache / f"{stem}-images.npy"
@@ -574,10 +545,10 @@ def _load_cifar_folder(
         except (OSError, ValueError):
             pass  # corrupt or partial cache: decode again
     images = _decode_images(files, progress, desc=f"decoding CIFAR-10 {split}")
-    _atomic_save_npy(images_npy, images)
-    _atomic_save_npy(labels_npy, labels)
+    atomic_write(images_npy, lambda f: np.save(f, images, allow_pickle=False))
+    atomic_write(labels_npy, lambda f: np.save(f, labels, allow_pickle=False))
     meta = {"checksum": checksum, "source": str(folder), "count": len(files), "split": split}
-    _atomic_write_bytes(meta_json, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(meta_json, json.dumps(meta, indent=2).encode())
     return images, labels
 
 
@@ -638,7 +609,7 @@ def load_cifar10(
                 root_path / split,
             ]
             listing = "\n".join(f"  - {d}" for d in looked)
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"CIFAR-10 {split} data not found. Looked for:\n{listing}\n"
                 f"Fix: pass --data-root (data_root=...) or set {DATA_ENV_VAR} to a folder "
                 f"containing cifar-10-batches-py/ or cifar10-jpeg/{{train,test}}/<class>/."

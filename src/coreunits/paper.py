@@ -1,4 +1,8 @@
-"""Reference settings and numbers of the paper, labelled as such.
+"""The paper layer: its classifiers, data sets, settings and numbers, labelled as such.
+
+``default_checkpoint`` finds the bundled classifiers and ``cifar10_data``
+loads CIFAR-10 the way the paper's experiments use it; ``reproduce``,
+``compare``, the CLI and the benchmarks all take them from here.
 
 ``COEFFICIENTS`` are coreunits' choices of alpha and lambda for the paper's
 networks (the paper does not publish its own), picked so that the holding
@@ -10,11 +14,62 @@ the numbers printed in the paper, typed in by hand for comparison only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import TensorDataset
+
+from coreunits._core.errors import MissingDataError
 from coreunits._core.selection import DEFAULTS
 
-__all__ = ["COEFFICIENTS", "coefficients"]
+__all__ = ["COEFFICIENTS", "MODELS", "cifar10_data", "coefficients", "default_checkpoint"]
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: The paper's classifiers and their bundled checkpoint files.
+MODELS: dict[str, str] = {"mnist": "mnist_cnn.pt", "cifar10": "cifar10_cnn.pt"}
+
+
+def default_checkpoint(model: str = "mnist") -> Path:
+    """The bundled checkpoint of the paper's ``model`` ("mnist" or "cifar10").
+
+    Looked up under ``./checkpoints`` first, then next to the source tree.
+
+    Raises:
+        MissingDataError: no such checkpoint (says how to train one).
+    """
+    name = MODELS[model]
+    for base in (Path.cwd(), _REPO_ROOT):
+        path = base / "checkpoints" / name
+        if path.is_file():
+            return path
+    raise MissingDataError(
+        f"no {model} checkpoint found at ./checkpoints/{name} or {_REPO_ROOT / 'checkpoints' / name}; "
+        f"train one with `coreunits train {model}` or pass --checkpoint"
+    )
+
+
+def cifar10_data(data_root: str | None, quick: bool) -> tuple[TensorDataset, str]:
+    """CIFAR-10 as the paper's experiments use it: ``(dataset, description)``.
+
+    The training images (the test split's first 2,000 when ``quick``), centrally
+    cropped as for evaluation. CIFAR-10 is never downloaded.
+
+    Raises:
+        MissingDataError: no data root given (``--data-root`` / ``$COREUNITS_DATA``).
+    """
+    from coreunits.data import load_cifar10, resolve_data_root
+    from coreunits.train import cifar10_eval_transform
+
+    root = resolve_data_root(data_root)
+    if root is None:
+        raise MissingDataError("CIFAR-10 needs --data-root or $COREUNITS_DATA (it is not downloaded)")
+    # The paper optimises on the training images, centrally cropped as for evaluation.
+    raw = load_cifar10(root, train=not quick, limit=2000 if quick else None, progress=False)
+    images = torch.cat([cifar10_eval_transform(x) for x in raw.tensors[0].split(5000)])
+    split = "test" if quick else "train"
+    return TensorDataset(images, raw.tensors[1]), f"CIFAR-10 {split} ({len(images)}) from {root}"
 
 #: (model, layer) -> alpha, lam and epochs used by the demo and the reproduction.
 COEFFICIENTS: dict[tuple[str, str], dict[str, float]] = {

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from coreunits._core.result import atomic_write_text
+from coreunits._core.io import atomic_write_text, save_figure
 from coreunits.data import CIFAR10_CLASSES
 from coreunits.paper import (
     PAPER_CIFAR10_TEST_ACCURACY,
@@ -126,7 +126,7 @@ def _plots(out: Path, spec: dict[str, Any], t1: list[dict[str, Any]], fig5: list
         ax.set_title(f"Fig. 4 ({layer}): units selected over {runs} runs (number = runs; orange = every run)",
                      fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"fig4_{layer}.png", dpi=120)
+        save_figure(fig, out / f"fig4_{layer}.png", dpi=120)
         plt.close(fig)
         made.append(f"fig4_{layer}.png")
     if fig5:
@@ -141,7 +141,7 @@ def _plots(out: Path, spec: dict[str, Any], t1: list[dict[str, Any]], fig5: list
             ax.set_title(f"class {rec['class']}: {rec['num_units']} px", fontsize=8)
         fig.suptitle("Fig. 5: input-layer gates (bright = kept pixel), positives-only D'_c", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / "fig5.png", dpi=120)
+        save_figure(fig, out / "fig5.png", dpi=120)
         plt.close(fig)
         made.append("fig5.png")
     if fig6:
@@ -160,7 +160,7 @@ def _plots(out: Path, spec: dict[str, Any], t1: list[dict[str, Any]], fig5: list
         ax.set_title(f"Fig. {spec['fig6'][3:]}: class {spec['class_names'][fig6['class']]}, max1", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"{spec['fig6']}.png", dpi=120)
+        save_figure(fig, out / f"{spec['fig6']}.png", dpi=120)
         plt.close(fig)
         made.append(f"{spec['fig6']}.png")
     return made
@@ -275,6 +275,19 @@ def _markdown(spec: dict[str, Any], dataset: str, results: dict[str, Any], t1: l
               t2: list[dict[str, Any]],
               rnd: list[dict[str, Any]], fig6: dict[str, Any] | None, figures: list[str], runs: int,
               quick: bool, wall: float, selection: float) -> str:
+    lines = _header_markdown(spec, dataset, results, quick, wall, selection)
+    for layer, part in (("max1", "a"), ("max2", "b")):
+        lines += _single_layer_markdown(spec, layer, part, t1, runs)
+    if t2:
+        lines += _double_markdown(spec, t2, runs)
+    if rnd:
+        lines += _random_markdown(spec, rnd)
+    lines += _figures_markdown(spec, fig6, figures)
+    return "\n".join(lines)
+
+
+def _header_markdown(spec: dict[str, Any], dataset: str, results: dict[str, Any], quick: bool, wall: float,
+                     selection: float) -> list[str]:
     acc = results["classifier"].get("test_accuracy")
     lines = [
         f"# Reproduction: the paper's {spec['title']} experiments" + (" (--quick smoke run)" if quick else ""),
@@ -298,78 +311,99 @@ def _markdown(spec: dict[str, Any], dataset: str, results: dict[str, Any], t1: l
         "was interrupted before it finished count in the first number only.",
         "",
     ]
-    for layer, part in (("max1", "a"), ("max2", "b")):
-        label = f"{spec['single_label']}({part}): {layer} ({spec['total'][layer]} units)"
-        rows = [r for r in t1 if r["layer"] == layer]
-        if not rows:
-            continue
-        paper = spec["paper_single"][layer]
-        lines += [f"## {label}", "",
-                  "| class | run | paper holding % | paper units | ours holding % (paper) | ours holding % (strict) | ours units |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sorted(rows, key=lambda r: (r["class"], r["run"])):
-            p = paper[r["class"]][r["run"] - 1] if r["run"] <= 3 else (None, None)
-            lines.append(f"| {spec['class_names'][r['class']]} | {r['run']} | {p[0] if p[0] is not None else ''} | "
-                         f"{p[1] if p[1] is not None else ''} | {_pct(r['holding_rate'])} | "
-                         f"{_pct(r['holding_rate_strict'])} | {r['num_units']} |")
-        lines += ["", "Per class (mean ± spread over runs):", "",
-                  "| class | paper units | ours units | paper holding % | ours holding % (paper) | ours holding % (strict) |",
-                  "|---|---|---|---|---|---|"]
-        for c in sorted({r["class"] for r in rows}):
-            rc = [r for r in rows if r["class"] == c]
-            pu = [u for _, u in paper[c][:runs]]
-            ph = [h for h, _ in paper[c][:runs]]
-            u = [r["num_units"] for r in rc]
-            lines.append(
-                f"| {spec['class_names'][c]} | {_mean(pu):.1f} ± {_spread(pu):.1f} | {_mean(u):.1f} ± {_spread(u):.1f} | "
-                f"{_mean(ph):.2f} | {_pct(_mean([r['holding_rate'] for r in rc]))} ± "
-                f"{100 * _spread([r['holding_rate'] for r in rc]):.2f} | "
-                f"{_pct(_mean([r['holding_rate_strict'] for r in rc]))} |")
-        cls = sorted({r["class"] for r in rows})
-        pu_all = [u for c in cls for _, u in paper[c][:runs]]
-        ph_all = [h for c in cls for h, _ in paper[c][:runs]]
-        mu = _mean([r["num_units"] for r in rows])
-        mh = _mean([r["holding_rate"] for r in rows])
-        ms = _mean([r["holding_rate_strict"] for r in rows])
-        worst = min(r["holding_rate"] for r in rows)
-        floor = spec["mean_floor"] if spec["mean_floor"] is not None else _mean(ph_all) / 100
-        lines += ["", f"**{layer} overall**: paper {_mean(pu_all):.1f} units at {_mean(ph_all):.2f}%; "
-                  f"ours {mu:.1f} units at {100 * mh:.2f}% (paper reading), {100 * ms:.2f}% (strict); "
-                  f"lowest row {100 * worst:.2f}%.", "",
-                  f"Bar: every row >= {100 * spec['row_floor']:.1f}%: "
-                  f"**{'met' if worst >= spec['row_floor'] else 'NOT met'}**; "
-                  f"mean units <= paper's mean ({mu:.1f} <= {_mean(pu_all):.1f}) at mean holding >= "
-                  f"{100 * floor:.2f}% ({100 * mh:.2f}%): "
-                  f"**{'met' if mu <= _mean(pu_all) and mh >= floor - 1e-9 else 'NOT met'}**.", ""]
-    if t2:
-        lines += [f"## {spec['double_label']}: max1 and max2 selected together", "",
-                  "| class | run | paper holding % | paper units max1 | paper units max2 | ours holding % (paper) | "
-                  "ours holding % (strict) | ours units max1 | ours units max2 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(t2, key=lambda r: (r["class"], r["run"])):
-            p = spec["paper_double"].get(r["class"], [])
-            p = p[r["run"] - 1] if r["run"] <= len(p) else ("", "", "")
-            lines.append(f"| {spec['class_names'][r['class']]} | {r['run']} | {p[0]} | {p[1]} | {p[2]} | "
-                         f"{_pct(r['holding_rate'])} | "
-                         f"{_pct(r['holding_rate_strict'])} | {r['num_units']['max1']} | {r['num_units']['max2']} |")
-        pt = [x for c in sorted({r['class'] for r in t2}) for x in spec["paper_double"][c][:runs]]
-        lines += ["", f"Mean: paper {_mean([x[0] for x in pt]):.2f}% with {_mean([x[1] for x in pt]):.1f} + "
-                  f"{_mean([x[2] for x in pt]):.1f} units; ours {_pct(_mean([r['holding_rate'] for r in t2]))}% "
-                  f"(strict {_pct(_mean([r['holding_rate_strict'] for r in t2]))}%) with "
-                  f"{_mean([r['num_units']['max1'] for r in t2]):.1f} + {_mean([r['num_units']['max2'] for r in t2]):.1f} units.",
-                  ""]
-    if rnd:
-        lines += ["## Random subsets of the same size (run 1 of each class)", "",
-                  f"The paper reports {PAPER_RANDOM_SUBSET_RANGE[0]:.0f}% to {PAPER_RANDOM_SUBSET_RANGE[1]:.0f}% "
-                  "for 10 random subsets (MNIST, class 0, max1). Ours, 10 subsets each (paper reading):", "",
-                  "| layer | class | units | selected % | random min % | random median % | random max % | random median % (strict) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in rnd:
-            lines.append(f"| {r['layer']} | {spec['class_names'][r['class']]} | {r['num_units']} | "
-                         f"{_pct(r['selected_holding_rate'])} | "
-                         f"{_pct(r['random_min'])} | {_pct(r['random_median'])} | {_pct(r['random_max'])} | "
-                         f"{_pct(r['random_strict_median'])} |")
-        lines.append("")
+    return lines
+
+
+def _single_layer_markdown(spec: dict[str, Any], layer: str, part: str, t1: list[dict[str, Any]],
+                           runs: int) -> list[str]:
+    """Table 1 / 3 (part a or b): one layer's runs beside the paper's, per class, and the bar."""
+    lines: list[str] = []
+    label = f"{spec['single_label']}({part}): {layer} ({spec['total'][layer]} units)"
+    rows = [r for r in t1 if r["layer"] == layer]
+    if not rows:
+        return []
+    paper = spec["paper_single"][layer]
+    lines += [f"## {label}", "",
+              "| class | run | paper holding % | paper units | ours holding % (paper) | ours holding % (strict) | ours units |",
+              "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["class"], r["run"])):
+        p = paper[r["class"]][r["run"] - 1] if r["run"] <= 3 else (None, None)
+        lines.append(f"| {spec['class_names'][r['class']]} | {r['run']} | {p[0] if p[0] is not None else ''} | "
+                     f"{p[1] if p[1] is not None else ''} | {_pct(r['holding_rate'])} | "
+                     f"{_pct(r['holding_rate_strict'])} | {r['num_units']} |")
+    lines += ["", "Per class (mean ± spread over runs):", "",
+              "| class | paper units | ours units | paper holding % | ours holding % (paper) | ours holding % (strict) |",
+              "|---|---|---|---|---|---|"]
+    for c in sorted({r["class"] for r in rows}):
+        rc = [r for r in rows if r["class"] == c]
+        pu = [u for _, u in paper[c][:runs]]
+        ph = [h for h, _ in paper[c][:runs]]
+        u = [r["num_units"] for r in rc]
+        lines.append(
+            f"| {spec['class_names'][c]} | {_mean(pu):.1f} ± {_spread(pu):.1f} | {_mean(u):.1f} ± {_spread(u):.1f} | "
+            f"{_mean(ph):.2f} | {_pct(_mean([r['holding_rate'] for r in rc]))} ± "
+            f"{100 * _spread([r['holding_rate'] for r in rc]):.2f} | "
+            f"{_pct(_mean([r['holding_rate_strict'] for r in rc]))} |")
+    cls = sorted({r["class"] for r in rows})
+    pu_all = [u for c in cls for _, u in paper[c][:runs]]
+    ph_all = [h for c in cls for h, _ in paper[c][:runs]]
+    mu = _mean([r["num_units"] for r in rows])
+    mh = _mean([r["holding_rate"] for r in rows])
+    ms = _mean([r["holding_rate_strict"] for r in rows])
+    worst = min(r["holding_rate"] for r in rows)
+    floor = spec["mean_floor"] if spec["mean_floor"] is not None else _mean(ph_all) / 100
+    lines += ["", f"**{layer} overall**: paper {_mean(pu_all):.1f} units at {_mean(ph_all):.2f}%; "
+              f"ours {mu:.1f} units at {100 * mh:.2f}% (paper reading), {100 * ms:.2f}% (strict); "
+              f"lowest row {100 * worst:.2f}%.", "",
+              f"Bar: every row >= {100 * spec['row_floor']:.1f}%: "
+              f"**{'met' if worst >= spec['row_floor'] else 'NOT met'}**; "
+              f"mean units <= paper's mean ({mu:.1f} <= {_mean(pu_all):.1f}) at mean holding >= "
+              f"{100 * floor:.2f}% ({100 * mh:.2f}%): "
+              f"**{'met' if mu <= _mean(pu_all) and mh >= floor - 1e-9 else 'NOT met'}**.", ""]
+    return lines
+
+
+def _double_markdown(spec: dict[str, Any], t2: list[dict[str, Any]], runs: int) -> list[str]:
+    """Table 2 / 4: max1 and max2 selected together."""
+    lines: list[str] = []
+    lines += [f"## {spec['double_label']}: max1 and max2 selected together", "",
+              "| class | run | paper holding % | paper units max1 | paper units max2 | ours holding % (paper) | "
+              "ours holding % (strict) | ours units max1 | ours units max2 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(t2, key=lambda r: (r["class"], r["run"])):
+        p = spec["paper_double"].get(r["class"], [])
+        p = p[r["run"] - 1] if r["run"] <= len(p) else ("", "", "")
+        lines.append(f"| {spec['class_names'][r['class']]} | {r['run']} | {p[0]} | {p[1]} | {p[2]} | "
+                     f"{_pct(r['holding_rate'])} | "
+                     f"{_pct(r['holding_rate_strict'])} | {r['num_units']['max1']} | {r['num_units']['max2']} |")
+    pt = [x for c in sorted({r['class'] for r in t2}) for x in spec["paper_double"][c][:runs]]
+    lines += ["", f"Mean: paper {_mean([x[0] for x in pt]):.2f}% with {_mean([x[1] for x in pt]):.1f} + "
+              f"{_mean([x[2] for x in pt]):.1f} units; ours {_pct(_mean([r['holding_rate'] for r in t2]))}% "
+              f"(strict {_pct(_mean([r['holding_rate_strict'] for r in t2]))}%) with "
+              f"{_mean([r['num_units']['max1'] for r in t2]):.1f} + {_mean([r['num_units']['max2'] for r in t2]):.1f} units.",
+              ""]
+    return lines
+
+
+def _random_markdown(spec: dict[str, Any], rnd: list[dict[str, Any]]) -> list[str]:
+    """Random subsets of the selected size beside the selection."""
+    lines: list[str] = []
+    lines += ["## Random subsets of the same size (run 1 of each class)", "",
+              f"The paper reports {PAPER_RANDOM_SUBSET_RANGE[0]:.0f}% to {PAPER_RANDOM_SUBSET_RANGE[1]:.0f}% "
+              "for 10 random subsets (MNIST, class 0, max1). Ours, 10 subsets each (paper reading):", "",
+              "| layer | class | units | selected % | random min % | random median % | random max % | random median % (strict) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rnd:
+        lines.append(f"| {r['layer']} | {spec['class_names'][r['class']]} | {r['num_units']} | "
+                     f"{_pct(r['selected_holding_rate'])} | "
+                     f"{_pct(r['random_min'])} | {_pct(r['random_median'])} | {_pct(r['random_max'])} | "
+                     f"{_pct(r['random_strict_median'])} |")
+    lines.append("")
+    return lines
+
+
+def _figures_markdown(spec: dict[str, Any], fig6: dict[str, Any] | None, figures: list[str]) -> list[str]:
+    lines: list[str] = []
     if fig6:
         f6 = spec["fig6"]
         lines += [f"## Figure {f6[3:]}: holding rate versus units kept "
@@ -388,4 +422,4 @@ def _markdown(spec: dict[str, Any], dataset: str, results: dict[str, Any], t1: l
     lines += [f"Files: `results.json` (every number), `{spec['single']}.csv`, `{spec['double']}.csv`, "
               f"`random_subsets.csv`, `{spec['fig6']}.csv`, `runs/*.json` (one record per optimisation, "
               "with gates and history).", ""]
-    return "\n".join(lines)
+    return lines

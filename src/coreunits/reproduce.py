@@ -9,7 +9,6 @@ Then everything is gathered into ``results.json``, CSVs, figures and
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -23,11 +22,13 @@ import torch
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import build_dprime
 from coreunits._core.evaluation import evaluate_gates, removal_curve
-from coreunits._core.result import atomic_write_text, fingerprint_of, read_record
+from coreunits._core.io import atomic_write_text
+from coreunits._core.progress import progress_bar
+from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.selection import DEFAULTS, find_core_units
-from coreunits.paper import coefficients
+from coreunits.paper import cifar10_data, coefficients, default_checkpoint
 
-__all__ = ["Work", "plan", "run", "run_dataset"]
+__all__ = ["Work", "plan", "run_dataset"]
 
 RANDOM_SUBSETS = 10
 FIG4_RUNS = 5
@@ -128,18 +129,30 @@ def _groups(works: list[Work]) -> Iterator[tuple[tuple[str, ...], list[Work]]]:
     yield from order.items()
 
 
-def _cifar10_data(data_root: str | None, quick: bool) -> tuple[Any, str]:
-    from coreunits.data import load_cifar10, resolve_data_root
-    from coreunits.train import cifar10_eval_transform
+def _paper_data(dataset: str, data_root: str | None, quick: bool) -> tuple[Any, str]:
+    """The data a reproduction selects on, and its description."""
+    from coreunits.data import get_mnist
 
-    root = resolve_data_root(data_root)
-    if root is None:
-        raise FileNotFoundError("CIFAR-10 needs --data-root or $COREUNITS_DATA (it is not downloaded)")
-    # The paper optimises on the training images, centrally cropped as for evaluation.
-    raw = load_cifar10(root, train=not quick, limit=2000 if quick else None, progress=False)
-    images = torch.cat([cifar10_eval_transform(x) for x in raw.tensors[0].split(5000)])
-    split = "test" if quick else "train"
-    return torch.utils.data.TensorDataset(images, raw.tensors[1]), f"CIFAR-10 {split} ({len(images)}) from {root}"
+    # The paper optimises on the training data; --quick uses the (smaller) test split.
+    if dataset != "mnist":
+        return cifar10_data(data_root, quick)
+    data, source = get_mnist(data_root, train=not quick, allow_sample=quick)
+    if quick and len(data) > 3000:
+        data = torch.utils.data.TensorDataset(*(t[:3000] for t in data.tensors))
+        source += ", first 3000"
+    return data, source
+
+
+def _append_timing(out: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Add one invocation's timing to ``out/timing.json`` (kept across resumed runs); returns all of it."""
+    timing_path = out / "timing.json"
+    try:
+        timing = json.loads(timing_path.read_text())
+    except (OSError, ValueError):
+        timing = {"invocations": []}
+    timing["invocations"].append(entry)
+    atomic_write_text(timing_path, json.dumps(timing, indent=1))
+    return timing
 
 
 def run_dataset(
@@ -169,11 +182,7 @@ def run_dataset(
     Returns:
         The gathered results (also written to ``out/results.json``).
     """
-    from tqdm.auto import tqdm
-
     from coreunits import __version__
-    from coreunits.cli import default_checkpoint
-    from coreunits.data import get_mnist
     from coreunits.report import write_report
     from coreunits.train import load_model, read_metadata
 
@@ -182,14 +191,7 @@ def run_dataset(
     model = load_model(ckpt, dataset)
     meta = read_metadata(ckpt)
     overrides = meta.get("coefficients")
-    # The paper optimises on the training data; --quick uses the (smaller) test split.
-    if dataset == "mnist":
-        data, source = get_mnist(data_root, train=not quick, allow_sample=quick)
-        if quick and len(data) > 3000:
-            data = torch.utils.data.TensorDataset(*(t[:3000] for t in data.tensors))
-            source += ", first 3000"
-    else:
-        data, source = _cifar10_data(data_root, quick)
+    data, source = _paper_data(dataset, data_root, quick)
     settings = {
         "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16],
         "data": source.split(" from ")[0].split(" (")[0] + f" n={len(data)}",
@@ -212,8 +214,8 @@ def run_dataset(
         else:
             todo.append(w)
     cache_seconds = 0.0
-    bar = tqdm(total=len(works), initial=len(works) - len(todo), desc=f"reproduce {dataset}", unit="run",
-               disable=not progress)
+    bar = progress_bar(enabled=progress, total=len(works), initial=len(works) - len(todo),
+                       desc=f"reproduce {dataset}", unit="run")
     try:
         for layers, group in _groups(todo):
             t0 = time.perf_counter()
@@ -228,17 +230,10 @@ def run_dataset(
             del cache
     finally:
         bar.close()
-    wall = time.perf_counter() - t_start
-    timing_path = out / "timing.json"
-    try:
-        timing = json.loads(timing_path.read_text())
-    except (OSError, ValueError):
-        timing = {"invocations": []}
-    timing["invocations"].append({
-        "wall_seconds": wall, "cache_seconds": cache_seconds, "runs_computed": len(todo),
+    timing = _append_timing(out, {
+        "wall_seconds": time.perf_counter() - t_start, "cache_seconds": cache_seconds, "runs_computed": len(todo),
         "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
-    atomic_write_text(timing_path, json.dumps(timing, indent=1))
     results = write_report(
         out, [records[w.key] for w in works], dataset=dataset, settings=settings, source=source, timing=timing,
         classifier={"checkpoint": ckpt.name, "test_accuracy": meta.get("test_accuracy"),
@@ -246,12 +241,3 @@ def run_dataset(
         runs=1 if quick else runs, quick=quick,
     )
     return results
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry for ``coreunits reproduce``."""
-    out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if args.quick else ""))
-    run_dataset(args.dataset, out, args.data_root, args.checkpoint, args.runs, args.quick,
-                progress=not args.no_progress, device=getattr(args, "device", None))
-    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and CSV/PNG files")
-    return 0

@@ -14,8 +14,8 @@ Write your own by subclassing :class:`RankingStrategy` (implement ``rank``) or
 
 from coreunits._core.strategies import (
     CaptumConductance,
-    GradientTimesActivation,
     ExactGreedyElimination,
+    GradientTimesActivation,
     GreedyBackwardElimination,
     HardConcreteL0,
     MeanActivation,
@@ -30,8 +30,8 @@ from coreunits._core.strategies import (
 
 __all__ = [
     "CaptumConductance",
-    "GradientTimesActivation",
     "ExactGreedyElimination",
+    "GradientTimesActivation",
     "GreedyBackwardElimination",
     "HardConcreteL0",
     "MeanActivation",

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
-from tqdm.auto import tqdm
 
+from ._core.io import atomic_write, model_device
+from ._core.progress import progress_bar
 from .data import (
     DATA_ENV_VAR,
-    _atomic_write,
     _locate_mnist,
     load_cifar10,
     load_mnist,
@@ -43,6 +43,7 @@ __all__ = [
     "cifar10_train_transform",
     "evaluate_accuracy",
     "load_model",
+    "load_named_or",
     "metadata_path",
     "read_metadata",
     "train_cifar10",
@@ -85,12 +86,12 @@ def _resume_path(checkpoint_path: Path) -> Path:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     # Atomic so that a crash mid-write leaves the previous checkpoint intact.
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_json(obj: dict[str, Any], path: Path) -> None:
     text = json.dumps(obj, indent=2) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,14 +131,14 @@ def load_model(checkpoint_path: str | os.PathLike[str], name: str | None = None)
     return model.eval()
 
 
+def load_named_or(checkpoint_path: str | os.PathLike[str], default: str) -> nn.Module:
+    """The model a checkpoint's metadata names (e.g. ``"mnist_mlp"``), else ``default`` (a paper net)."""
+    return load_model(checkpoint_path, None if read_metadata(checkpoint_path).get("model") else default)
+
+
 # ---------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -181,7 +182,7 @@ def evaluate_accuracy(
     Returns:
         Accuracy in [0, 1].
     """
-    dev = _model_device(model) if device is None else torch.device(device)
+    dev = model_device(model) if device is None else torch.device(device)
     was_training = model.training
     model.eval()
     correct = 0
@@ -263,6 +264,76 @@ def cifar10_train_transform(x: torch.Tensor, generator: torch.Generator) -> torc
 # ---------------------------------------------------------------------------
 
 
+def _restore(resume_file: Path, config: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, rngs: tuple[torch.Generator, torch.Generator],
+             device: torch.device) -> tuple[list[dict[str, Any]], int, float]:
+    """Load a resume state into the model, optimiser and generators: (history, next epoch, seconds so far)."""
+    state = torch.load(resume_file, map_location="cpu", weights_only=True)
+    if state["config"] != config:
+        raise ValueError(
+            f"{resume_file} was written with a different configuration "
+            f"({state['config']} vs {config}); delete it or pass resume=False"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    rngs[0].set_state(state["shuffle_rng"])
+    rngs[1].set_state(state["aug_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return list(state["history"]), int(state["epoch"]), float(state["train_seconds"])
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader[Any], optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
+                 train_transform: TrainTransform | None, aug_gen: torch.Generator, bar_desc: str,
+                 progress: bool) -> float:
+    """One pass over the training data; returns the mean training loss."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_sum = 0.0
+    seen = 0
+    with progress_bar(loader, enabled=progress, desc=bar_desc, unit="batch") as bar:
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if train_transform is not None:
+                x = train_transform(x, aug_gen)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+    return loss_sum / max(seen, 1)
+
+
+def _resume_state(config: dict[str, Any], epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                  rngs: tuple[torch.Generator, torch.Generator], history: list[dict[str, Any]],
+                  train_seconds: float, device: torch.device) -> dict[str, Any]:
+    """Everything an interrupted run needs to continue exactly where it stopped."""
+    state = {
+        "config": config,
+        "epoch": epoch,
+        "model": _cpu_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "shuffle_rng": rngs[0].get_state(),
+        "aug_rng": rngs[1].get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+        "train_seconds": train_seconds,
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
 def _fit(
     *,
     model_name: str,
@@ -286,65 +357,31 @@ def _fit(
     """Shared epoch loop: train, evaluate, checkpoint + metadata + resume state."""
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
+    rngs = (shuffle_gen, aug_gen)
     # batch_size=None + a BatchSampler hands TensorDataset a list of indices per
     # batch: one fancy-index per batch instead of collating single samples.
     sampler = BatchSampler(RandomSampler(train_ds, generator=shuffle_gen), batch_size, False)
     loader = DataLoader(train_ds, batch_size=None, sampler=sampler)
-    loss_fn = nn.CrossEntropyLoss()
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
     elapsed_before = 0.0
     resume_file = _resume_path(out_path)
     if resume and resume_file.is_file():
-        state = torch.load(resume_file, map_location="cpu", weights_only=True)
-        if state["config"] != config:
-            raise ValueError(
-                f"{resume_file} was written with a different configuration "
-                f"({state['config']} vs {config}); delete it or pass resume=False"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        elapsed_before = float(state["train_seconds"])
+        history, start_epoch, elapsed_before = _restore(resume_file, config, model, optimizer, scheduler, rngs,
+                                                        device)
 
     meta: dict[str, Any] = {}
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        model.train()
         epoch_start = time.perf_counter()
-        loss_sum = 0.0
-        seen = 0
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress
-        )
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if train_transform is not None:
-                x = train_transform(x, aug_gen)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-        bar.close()
+        train_loss = _train_epoch(model, loader, optimizer, scheduler, device, train_transform, aug_gen,
+                                  f"epoch {epoch + 1}/{epochs}", progress)
         accuracy = evaluate_accuracy(model, test_ds, transform=eval_transform, device=device)
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
+                "train_loss": train_loss,
                 "test_accuracy": accuracy,
                 "seconds": round(time.perf_counter() - epoch_start, 2),
             }
@@ -374,26 +411,12 @@ def _fit(
         if done:
             resume_file.unlink(missing_ok=True)
         else:
-            state = {
-                "config": config,
-                "epoch": epoch + 1,
-                "model": _cpu_state_dict(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "shuffle_rng": shuffle_gen.get_state(),
-                "aug_rng": aug_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "train_seconds": train_seconds,
-            }
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            _atomic_torch_save(state, resume_file)
+            _atomic_torch_save(_resume_state(config, epoch + 1, model, optimizer, scheduler, rngs, history,
+                                             train_seconds, device), resume_file)
         if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}, "
-                f"test accuracy {accuracy:.4%}"
-            )
+            # A summary line per epoch, also where the bars are hidden (logs, CI).
+            print(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, test accuracy {accuracy:.4%}",
+                  flush=True)
     if not meta:  # nothing left to do (resumed after the last epoch)
         meta = json.loads(metadata_path(out_path).read_text())
     return meta

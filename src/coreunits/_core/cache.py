@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from coreunits._core.engine import GatedModel, OutputFn, slice_frontier
 from coreunits._core.errors import DataError
 from coreunits._core.guard import preserved_model_state
+from coreunits._core.io import model_device
 from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
+from coreunits._core.progress import progress_bar
 
 __all__ = ["DEFAULT_CACHE_BUDGET", "ActivationCache", "iter_input_batches"]
 
@@ -63,12 +65,6 @@ def iter_input_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
         )
     for batch in loader:
         yield _first_tensor(batch)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _fingerprint(model: nn.Module) -> tuple[int, ...]:
@@ -115,19 +111,19 @@ class ActivationCache:
         progress: bool = False,
         keep_inputs: bool = False,
     ) -> None:
-        from tqdm.auto import tqdm
-
         self.user_model = model
-        target = torch.device(device) if device is not None else _model_device(model)
+        target = torch.device(device) if device is not None else model_device(model)
         self.device = target
         # Never move the user's model: work on a copy when another device is asked for.
-        self.model = model if _model_device(model) == target else copy.deepcopy(model).to(target)
+        self.model = model if model_device(model) == target else copy.deepcopy(model).to(target)
         self.specs: list[LayerSpec] = resolve_layers(self.model, layers, unit_dim)
         self.output_fn = output_fn
         self.batch_size = batch_size
         self.budget = DEFAULT_CACHE_BUDGET if cache_budget is None else int(cache_budget)
         self.gated = GatedModel(self.model, self.specs, output_fn, engine)
         self._fingerprint = _fingerprint(model)
+        #: Where a faster path was not available, and why ("engine", "incremental:<layer>").
+        self.fallbacks: dict[str, str] = {}
 
         inputs: list[torch.Tensor] = []
         fronts: list[list[torch.Tensor]] = []
@@ -138,13 +134,15 @@ class ActivationCache:
             total = len(data)  # type: ignore[arg-type]
         except TypeError:
             pass
-        bar = tqdm(total=total, desc="caching activations", unit="input", disable=not progress, leave=False)
+        bar = progress_bar(enabled=progress, total=total, desc="caching activations", unit="input", leave=False)
         batches = (x for x in iter_input_batches(data, batch_size) if x.dim() > 0 and x.shape[0] > 0)
         with bar, preserved_model_state(self.model):
             first = next(batches, None)
             if first is None:
                 raise DataError("data is empty: it yielded no inputs; pass a Dataset or DataLoader with inputs")
             self.gated.probe(first.to(self.device))
+            if self.gated.fallback_reason is not None:
+                self.fallbacks["engine"] = f"forward hooks instead of the fx split: {self.gated.fallback_reason}"
             # A few real inputs, kept for building further splits of the model later.
             self.sample_inputs = first[:64].detach().to(self.device).clone()
             with self.gated.activated():

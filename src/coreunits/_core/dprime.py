@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coreunits._core.errors import DataError
+from coreunits._core.errors import ClassIndexError, DataError, OptionError
 
 __all__ = ["DPrime", "build_dprime", "check_class", "random_rows"]
 
@@ -40,9 +40,9 @@ def check_class(target_class: int, num_classes: int) -> int:
         try:
             target_class = int(target_class)  # numpy / 0-d tensor
         except (TypeError, ValueError):
-            raise DataError(f"target_class must be an int class index, got {target_class!r}") from None
+            raise ClassIndexError(f"target_class must be an int class index, got {target_class!r}") from None
     if not 0 <= target_class < num_classes:
-        raise DataError(
+        raise ClassIndexError(
             f"target_class {target_class} is out of range: the model outputs {num_classes} classes, "
             f"so use 0..{num_classes - 1}"
         )
@@ -105,5 +105,5 @@ def random_rows(rows: torch.Tensor, size: int | None, seed: int) -> torch.Tensor
     if size is None or size >= n:
         return None
     if size < 1:
-        raise ValueError(f"probe_rows must be >= 1, got {size}")
+        raise OptionError(f"probe_rows must be >= 1, got {size}")
     return rows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]]

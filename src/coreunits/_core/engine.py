@@ -13,6 +13,7 @@ the whole model run per step; both paths compute the same numbers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,12 +21,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from coreunits._core.errors import CoreUnitsError, LayerNotFoundError, ModelOutputError
+from coreunits._core.errors import CoreUnitsError, LayerNotFoundError, ModelOutputError, OptionError
 from coreunits._core.layers import INPUT, LayerSpec
 
 __all__ = ["GatedModel", "OutputFn", "apply_gate", "check_scores"]
 
 OutputFn = Callable[[Any], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def apply_gate(x: torch.Tensor, gate: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
@@ -94,6 +97,49 @@ def _gate_call(
     return x * gate.reshape(shape).to(x.dtype)
 
 
+def _frontier(graph: fx.Graph, gated: dict[fx.Node, int]) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node]]:
+    """(descendants of the gates, gated roots, frontier) of a traced graph.
+
+    Descendants are recomputed every step; roots are gated nodes none of whose
+    inputs depends on a gate; the frontier is every value computed before the
+    gates that the rest of the network reads (roots included), in graph order.
+    """
+    desc: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node in gated or any(a in desc for a in node.all_input_nodes):
+            desc.add(node)
+    roots = [g for g in gated if not any(a in desc for a in g.all_input_nodes)]
+    frontier: list[fx.Node] = []
+    for node in graph.nodes:
+        if node in desc and node.op != "output" and node not in roots:
+            for a in node.all_input_nodes:
+                if a not in desc and a.op != "get_attr" and a not in frontier:
+                    frontier.append(a)
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                if a not in desc and a not in frontier:
+                    frontier.append(a)
+    for r in roots:
+        if r not in frontier:
+            frontier.append(r)
+    return desc, roots, frontier
+
+
+def _prefix_module(model: nn.Module, graph: fx.Graph, frontier: list[fx.Node]) -> fx.GraphModule:
+    """The original graph with the frontier as its output."""
+    pre = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        env[node] = pre.node_copy(node, lambda n: env[n])
+    pre.output(tuple(env[f] for f in frontier))
+    prefix_gm = fx.GraphModule(model, pre)
+    prefix_gm.graph.eliminate_dead_code()
+    prefix_gm.recompile()
+    return prefix_gm
+
+
 class GatedModel:
     """A model with switch gates on some layers, split so its prefix can be cached.
 
@@ -116,7 +162,7 @@ class GatedModel:
         engine: str = "auto",
     ) -> None:
         if engine not in ("auto", "fx", "hooks"):
-            raise ValueError(f"engine must be 'auto', 'fx' or 'hooks', got {engine!r}")
+            raise OptionError(f"engine must be 'auto', 'fx' or 'hooks', got {engine!r}")
         self.model = model
         self.specs = list(specs)
         self.output_fn = output_fn
@@ -201,13 +247,28 @@ class GatedModel:
                         f"({type(err).__name__}: {err}); use engine='auto' (falls back to hooks) or 'hooks'"
                     ) from err
                 self.fallback_reason = f"{type(err).__name__}: {err}"
+                log.warning("torch.fx cannot split %s (%s); using forward hooks instead: the whole model runs "
+                            "every step (same numbers, slower)", type(self.model).__name__, self.fallback_reason)
                 self._prefix_gm = self._suffix_gm = None
         return scores
 
     def _build_fx(self, x: torch.Tensor) -> None:
-        names = {s.name for s in self.specs if s.name != INPUT}
-        tracer = _LeafTracer(names)
-        graph = tracer.trace(self.model)
+        """Split the traced model at the gated layers: frontier, prefix, suffix, then verify on ``x``."""
+        graph = _LeafTracer({s.name for s in self.specs if s.name != INPUT}).trace(self.model)
+        gated = self._gated_nodes(graph)
+        desc, roots, frontier = _frontier(graph, gated)
+        prefix_gm = _prefix_module(self.model, graph, frontier)
+        suffix_gm = self._suffix_module(graph, gated, desc, roots, frontier)
+        self._verify_split(prefix_gm, suffix_gm, x)
+        # A suffix op may modify a non-gated frontier tensor in place (e.g. `out += identity`
+        # reads identity but `identity += out` would write it): clone those per step so the
+        # cache is never corrupted. Gated ones are multiplied first, which makes a copy.
+        gated_front = {k for k, f in enumerate(frontier) if f in gated}
+        self._clone_frontier = [k not in gated_front for k in range(len(frontier))]
+        self._prefix_gm, self._suffix_gm = prefix_gm, suffix_gm
+
+    def _gated_nodes(self, graph: fx.Graph) -> dict[fx.Node, int]:
+        """The graph node of each gated layer -> its index in ``specs`` (each must appear exactly once)."""
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise RuntimeError("fx split needs a forward() with exactly one input")
@@ -220,75 +281,38 @@ class GatedModel:
             if len(nodes) != 1:
                 raise RuntimeError(f"layer {spec.name} appears {len(nodes)} times in the traced graph")
             gated[nodes[0]] = i
+        return gated
 
-        # Descendants of any gated node: recomputed every step.
-        desc: set[fx.Node] = set()
-        for node in graph.nodes:
-            if node in gated or any(a in desc for a in node.all_input_nodes):
-                desc.add(node)
-        roots = [g for g in gated if not any(a in desc for a in g.all_input_nodes)]
-        frontier: list[fx.Node] = []
-        for node in graph.nodes:
-            if node in desc and node.op != "output" and node not in roots:
-                for a in node.all_input_nodes:
-                    if a not in desc and a.op != "get_attr" and a not in frontier:
-                        frontier.append(a)
-            if node.op == "output":
-                for a in node.all_input_nodes:
-                    if a not in desc and a not in frontier:
-                        frontier.append(a)
-        for r in roots:
-            if r not in frontier:
-                frontier.append(r)
-
-        # Prefix: the original graph with the frontier as its output.
-        pre = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        for node in graph.nodes:
-            if node.op == "output":
-                continue
-            env[node] = pre.node_copy(node, lambda n: env[n])
-        pre.output(tuple(env[f] for f in frontier))
-        prefix_gm = fx.GraphModule(self.model, pre)
-        prefix_gm.graph.eliminate_dead_code()
-        prefix_gm.recompile()
-
-        # Suffix: frontier + one gate per layer as inputs, the descendants copied.
+    def _suffix_module(self, graph: fx.Graph, gated: dict[fx.Node, int], desc: set[fx.Node],
+                       roots: list[fx.Node], frontier: list[fx.Node]) -> fx.GraphModule:
+        """Frontier + one gate per layer as inputs, the descendants of the gates copied, each gated output gated."""
         suf = fx.Graph()
-        env = {}
         front_in = {f: suf.placeholder(f"frontier_{k}") for k, f in enumerate(frontier)}
         gate_in = [suf.placeholder(f"gate_{i}") for i in range(len(self.specs))]
-        for f, p in front_in.items():
-            env[f] = p
+        env: dict[fx.Node, fx.Node] = dict(front_in)
+
+        def gate(value: fx.Node, node: fx.Node) -> fx.Node:
+            return suf.call_function(_gate_call, (value, gate_in[gated[node]], *self._layout(gated[node])))
+
         for node in graph.nodes:
-            if node.op == "placeholder":
-                if node in gated:
-                    env[node] = suf.call_function(
-                        _gate_call, (front_in[node], gate_in[gated[node]], *self._layout(gated[node]))
-                    )
-                continue
-            if node in gated and node in roots:
-                env[node] = suf.call_function(
-                    _gate_call, (front_in[node], gate_in[gated[node]], *self._layout(gated[node]))
-                )
-                continue
-            if node not in desc and node.op != "get_attr":
-                continue
-            if node.op == "get_attr":
+            if node in roots:  # a gated layer computed before every gate: its cached output, gated
+                env[node] = gate(front_in[node], node)
+            elif node.op == "get_attr":
                 env[node] = suf.node_copy(node, lambda n: env[n])
-                continue
-            copied = suf.node_copy(node, lambda n: env[n])
-            if node in gated:
-                copied = suf.call_function(_gate_call, (copied, gate_in[gated[node]], *self._layout(gated[node])))
-            env[node] = copied
+            elif node in desc and node.op != "placeholder":
+                copied = suf.node_copy(node, lambda n: env[n])
+                env[node] = gate(copied, node) if node in gated else copied
         suffix_gm = fx.GraphModule(self.model, suf)
         suffix_gm.graph.eliminate_dead_code()
         suffix_gm.recompile()
+        return suffix_gm
 
-        # The frontier must be per-example tensors, or it cannot be cached and sliced.
+    def _verify_split(self, prefix_gm: fx.GraphModule, suffix_gm: fx.GraphModule, x: torch.Tensor) -> None:
+        """Raise unless prefix + ungated suffix reproduce the model's scores exactly on ``x``."""
         with torch.no_grad():
             front = prefix_gm(x.clone())
             front = front if isinstance(front, tuple) else (front,)
+            # The frontier must be per-example tensors, or it cannot be cached and sliced.
             for f in front:
                 if not isinstance(f, torch.Tensor) or f.dim() == 0 or f.shape[0] != x.shape[0]:
                     raise RuntimeError("the fx frontier holds a value that is not a per-example tensor")
@@ -296,12 +320,6 @@ class GatedModel:
             got = suffix_gm(*front, *([None] * len(self.specs)))
         if not torch.equal(check_scores(ref, x.shape[0], self.output_fn), check_scores(got, x.shape[0], self.output_fn)):
             raise RuntimeError("the fx split does not reproduce the model's scores exactly")
-        # A suffix op may modify a non-gated frontier tensor in place (e.g. `out += identity`
-        # reads identity but `identity += out` would write it): clone those per step so the
-        # cache is never corrupted. Gated ones are multiplied first, which makes a copy.
-        gated_front = {k for k, f in enumerate(frontier) if f in gated}
-        self._clone_frontier = [k not in gated_front for k in range(len(frontier))]
-        self._prefix_gm, self._suffix_gm = prefix_gm, suffix_gm
 
     def _layout(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         spec = self.specs[i]

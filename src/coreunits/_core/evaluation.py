@@ -24,13 +24,15 @@ from torch import nn
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import build_dprime, check_class
 from coreunits._core.engine import OutputFn, apply_gate
-from coreunits._core.errors import DataError, LayerNotFoundError
-from coreunits._core.guard import preserved_model_state
+from coreunits._core.errors import DataError, LayerNotFoundError, OptionError
+from coreunits._core.incremental import build_incremental
 from coreunits._core.layers import INPUT, LayerArg, LayerSpec, resolve_layers
 from coreunits._core.objective import center_margin, center_score, refit_w_b, strict_decision
+from coreunits._core.scoring import dense_masked_scores
 
 __all__ = [
     "HoldingRates",
+    "dense_masked_scores",
     "evaluate_gates",
     "gates_from_masks",
     "holding_rate",
@@ -78,24 +80,8 @@ def _hard_mask_evaluator(cache: ActivationCache, gates: Sequence[torch.Tensor | 
     gate = gates[0]
     if gate is None or gate.requires_grad or not bool(((gate == 0) | (gate == 1)).all()):
         return None
-    from coreunits._core.incremental import build_incremental
-
     evaluator = build_incremental(cache, cache.specs[0].name)
     return None if evaluator is None else (evaluator, gate.flatten().bool())
-
-
-def dense_masked_scores(
-    cache: ActivationCache,
-    rows: torch.Tensor,
-    gates: Sequence[torch.Tensor | None],
-    batch_size: int = 1024,
-) -> torch.Tensor:
-    """:func:`masked_scores` through the whole network after the gated layers, gates multiplied in."""
-    out = []
-    with preserved_model_state(cache.model), cache.gated.activated(), torch.inference_mode():
-        for chunk in rows.split(batch_size):
-            out.append(cache.gated.suffix(cache.frontier_rows(chunk), gates))
-    return torch.cat(out) if out else torch.zeros(0, cache.num_classes, device=cache.device)
 
 
 def evaluate_gates(
@@ -212,7 +198,7 @@ def holding_rate(
         The holding rate in [0, 1].
     """
     if reading not in ("strict", "paper"):
-        raise ValueError(f"reading must be 'strict' or 'paper', got {reading!r}")
+        raise OptionError(f"reading must be 'strict' or 'paper', got {reading!r}")
     if isinstance(data, ActivationCache):
         cache = data
         cache.check_model(model)
@@ -322,13 +308,11 @@ def removal_curve(
     out = []
     original = _original_decisions(cache, rows, target_class)
     if incremental and len(names) == 1:
-        from coreunits._core.incremental import build_incremental
-
         inc = build_incremental(cache, layer)
         if inc is not None:
             for k, scores in sorted(inc.scores(rows, order, ks, batch_size).items(), reverse=True):
                 out.append(_rates_of(scores, original, target_class) | {"units": k})
-            return sorted(out, key=lambda r: ks.index(r["units"]))
+            return sorted(out, key=lambda r: ks.index(int(r["units"])))
     for k in ks:
         mask = torch.zeros(total, device=cache.device)
         mask[order[:k].to(cache.device)] = 1.0

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from coreunits._core.errors import OptionError
+
 __all__ = ["HardConcreteGate", "SwitchGate"]
 
 # Logistic noise is drawn from U(eps, 1 - eps) to keep log() finite.
@@ -35,9 +37,9 @@ class SwitchGate(nn.Module):
     def __init__(self, num_units: int, w: float = 1.0, init: float = 0.95) -> None:
         super().__init__()
         if w <= 0:
-            raise ValueError(f"the gate slope w must be > 0, got {w}")
+            raise OptionError(f"the gate slope w must be > 0, got {w}")
         if not 0.0 < init < 1.0:
-            raise ValueError(f"the initial gate value must be in (0, 1), got {init}")
+            raise OptionError(f"the initial gate value must be in (0, 1), got {init}")
         self.w = float(w)
         logit = torch.logit(torch.tensor(float(init)))
         self.x = nn.Parameter(torch.full((num_units,), float(logit) / self.w))
@@ -80,7 +82,7 @@ class HardConcreteGate(nn.Module):
                  gamma: float = -0.1, zeta: float = 1.1) -> None:
         super().__init__()
         if not 0.0 < init < 1.0:
-            raise ValueError(f"the initial gate value must be in (0, 1), got {init}")
+            raise OptionError(f"the initial gate value must be in (0, 1), got {init}")
         self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
         self._shift = self.beta * math.log(-self.gamma / self.zeta)
         # P(z != 0) = sigmoid(log_alpha - shift): start every gate at ``init``.

@@ -16,6 +16,7 @@ direct computation on a batch before use.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -26,8 +27,11 @@ from coreunits._core.cache import ActivationCache
 from coreunits._core.engine import GatedModel, _LeafTracer
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import INPUT, LayerSpec
+from coreunits._core.scoring import dense_masked_scores
 
 __all__ = ["IncrementalCurve", "build_incremental"]
+
+log = logging.getLogger(__name__)
 
 _SHAPE_METHODS = {"view", "reshape", "flatten", "contiguous"}
 
@@ -251,49 +255,66 @@ def build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | 
     """An incremental evaluator for ``layer`` of the cache, or None when it does not apply.
 
     Built (traced and checked) once per cache and layer; later calls reuse it.
+    When it does not apply, the reason is logged once and kept in
+    ``cache.fallbacks["incremental:<layer>"]`` (results record it in their settings).
     """
     memo: dict[str, IncrementalCurve | None] = cache.__dict__.setdefault("_incremental_evaluators", {})
     if layer not in memo:
-        memo[layer] = _build_incremental(cache, layer)
+        inc, reason = _build_incremental(cache, layer)
+        memo[layer] = inc
+        if inc is None:
+            cache.fallbacks[f"incremental:{layer}"] = reason
+            log.info("layer %r: masks are evaluated through the whole network (no incremental path): %s",
+                     layer, reason)
     return memo[layer]
 
 
-def _build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | None:
-    if cache.gated.engine != "fx" or not cache.cached or len(cache.specs) != 1 or layer == INPUT:
-        return None
+def _next_linear(cache: ActivationCache, layer: str) -> tuple[list[fx.Node], str, nn.Linear | nn.Conv2d] | str:
+    """(shape-op chain, name, module) of the Linear/Conv2d the layer feeds alone, or why there is none."""
+    modules = dict(cache.model.named_modules())
+    graph = _LeafTracer({layer}).trace(cache.model)
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == layer)
+    chain: list[fx.Node] = []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return f"{node.name} feeds {len(users)} operations, not one Linear or Conv2d"
+        user = users[0]
+        module = modules.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            break
+        if not _is_shape_op(user, modules) or user.args[0] is not node:
+            return f"{layer} reaches {user.name} before any Linear or Conv2d"
+        chain.append(user)
+        node = user
+    if isinstance(module, nn.Conv2d) and (chain or module.groups != 1 or module.padding_mode != "zeros"):
+        return f"the next layer {user.target} is a grouped, padded or reshaped Conv2d"
+    return chain, str(user.target), module
+
+
+def _build_incremental(cache: ActivationCache, layer: str) -> tuple[IncrementalCurve | None, str]:
+    """(evaluator, "") or (None, why not)."""
+    if cache.gated.engine != "fx" or not cache.cached:
+        return None, f"needs the fx engine and cached activations (engine {cache.gated.engine}, cached {cache.cached})"
+    if len(cache.specs) != 1 or layer == INPUT or cache.specs[0].name != layer:
+        return None, "needs a cache of one hidden layer"
     assert cache.frontier is not None
+    if len(cache.frontier) != 1:
+        return None, "the layer's frontier holds more than one tensor (a branch around it)"
     spec = cache.specs[0]
-    if len(cache.frontier) != 1 or spec.name != layer:
-        return None
     try:
-        modules = dict(cache.model.named_modules())
-        graph = _LeafTracer({layer}).trace(cache.model)
-        node = next(n for n in graph.nodes if n.op == "call_module" and n.target == layer)
-        chain: list[fx.Node] = []
-        while True:
-            users = list(node.users)
-            if len(users) != 1:
-                return None
-            user = users[0]
-            if user.op == "call_module" and isinstance(modules.get(str(user.target)), (nn.Linear, nn.Conv2d)):
-                lin = modules[str(user.target)]
-                break
-            if not _is_shape_op(user, modules) or user.args[0] is not node:
-                return None
-            chain.append(user)
-            node = user
-        if isinstance(lin, nn.Conv2d) and (chain or lin.groups != 1 or lin.padding_mode != "zeros"):
-            return None
-        post = GatedModel(cache.model, [LayerSpec(str(user.target), lin)], cache.output_fn, engine="fx")
+        found = _next_linear(cache, layer)
+        if isinstance(found, str):
+            return None, found
+        chain, name, lin = found
+        post = GatedModel(cache.model, [LayerSpec(name, lin)], cache.output_fn, engine="fx")
         probe_rows = torch.arange(len(cache.sample_inputs))
         with preserved_model_state(cache.model):
             post.probe(cache.sample_inputs)
-        if len(post._clone_frontier) != 1:  # the network after the Linear needs more than its output
-            return None
-        inc = IncrementalCurve(cache, spec, chain, str(user.target), lin, post)
+        if len(post._clone_frontier) != 1:
+            return None, f"the network after {name} needs more than its output"
+        inc = IncrementalCurve(cache, spec, chain, name, lin, post)
         # Check against the direct computation before trusting it.
-        from coreunits._core.evaluation import dense_masked_scores
-
         order = torch.arange(spec.num_units)
         k = max(spec.num_units // 2, 1)
         got = inc.scores(probe_rows, order, [k])[k]
@@ -301,7 +322,10 @@ def _build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve |
         mask[:k] = 1.0
         ref = dense_masked_scores(cache, probe_rows, [mask])
         if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
-            return None
-        return inc
-    except Exception:  # noqa: BLE001 -- any structure we did not foresee: evaluate directly
-        return None
+            return None, "its scores differ from the direct computation on a probe batch"
+        return inc, ""
+    # Any structure not foreseen (tracing, shapes) means the direct path, which is always right;
+    # the error is kept as the reason and logged, so it is never silent.
+    except Exception as err:
+        log.debug("incremental path for %r failed", layer, exc_info=True)
+        return None, f"{type(err).__name__}: {err}"

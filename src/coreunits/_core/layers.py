@@ -91,6 +91,13 @@ def _close_names(name: str, names: Sequence[str]) -> list[str]:
     return close[:6]
 
 
+def _listing(names: Sequence[str], limit: int = 40) -> str:
+    """The model's layer names, for an unknown name with no close match (the user needs the list then)."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f" Its layers: {shown}{more}, and 'input'."
+
+
 def resolve_layers(
     model: nn.Module,
     layers: LayerArg | Sequence[LayerArg],
@@ -126,7 +133,7 @@ def resolve_layers(
                 continue
             if item not in named or item == "":
                 close = _close_names(item, names)
-                hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else ""
+                hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else _listing(names)
                 raise LayerNotFoundError(
                     f"model has no layer named {item!r}.{hint} "
                     "Use a name from model.named_modules(), a module object, or 'input'."

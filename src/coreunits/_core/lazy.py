@@ -17,13 +17,14 @@ from typing import Any
 __all__ = ["best_first"]
 
 
-def best_first(candidates: list[int], score: Callable[[int], Any],
+def best_first(candidates: list[int], score: Callable[..., Any],
                bounds: dict[int, Any] | None) -> tuple[list[int], dict[int, Any]]:
     """``candidates`` best first, and the scores computed for it.
 
     Args:
         candidates: unit ids, in the order that breaks ties (stable).
-        score: the score of removing a unit now; higher is better (any ordered type).
+        score: the score of removing a unit now, called with the unit; higher is better (any ordered
+            type). Typed loosely: callers pass lambdas that bind their mask as a default argument.
         bounds: scores from earlier steps, updated in place (lazy re-scoring), or
             None to score every candidate.
 

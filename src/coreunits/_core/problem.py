@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, build_dprime, check_class
-from coreunits._core.errors import LayerNotFoundError
+from coreunits._core.errors import LayerNotFoundError, OptionError
 from coreunits._core.evaluation import (
     HoldingRates,
     _holding_rates,
@@ -34,6 +34,7 @@ from coreunits._core.evaluation import (
     masked_scores,
     removal_curve,
 )
+from coreunits._core.incremental import build_incremental
 from coreunits._core.objective import decision_margin, strict_decision
 
 __all__ = ["READINGS", "SelectionProblem"]
@@ -83,7 +84,7 @@ class SelectionProblem:
         dprime: DPrime | None = None,
     ) -> None:
         if reading not in READINGS:
-            raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
+            raise OptionError(f"reading must be one of {READINGS}, got {reading!r}")
         names = cache.layer_names
         if layer not in names:
             raise LayerNotFoundError(f"layer {layer!r} is not in the cache (it has {names}); build one for it")
@@ -109,7 +110,7 @@ class SelectionProblem:
         self._memo: OrderedDict[bytes, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
         self._memo_bytes = 0
         self._risk: torch.Tensor | None = None  # positions of D'_c, closest to changing decision first
-        self._contrib: torch.Tensor | None | bool = False  # False: not tried yet; None: not affordable
+        self._contrib: torch.Tensor | Literal[False] | None = False  # False: not tried yet; None: not affordable
 
     @property
     def num_units(self) -> int:
@@ -227,8 +228,6 @@ class SelectionProblem:
         candidates at once through the incremental path where the layer feeds a
         ``Linear`` or ``Conv2d`` (``IncrementalCurve.toggled_scores``).
         """
-        from coreunits._core.incremental import build_incremental
-
         mask = self._check(mask).bool().cpu()
         n = len(self.rows) if positions is None else len(positions)
         evaluator = build_incremental(self.cache, self.layer) if len(self.cache.specs) == 1 else None
@@ -280,7 +279,7 @@ class SelectionProblem:
             spec = evaluator.linear
             size = len(self.rows) * self.num_units * getattr(spec, "out_features", 0) * 4
             self._contrib = evaluator.unit_contributions(self.rows) if 0 < size <= CONTRIBUTION_BYTES else None
-        return self._contrib  # type: ignore[return-value]
+        return None if self._contrib is False else self._contrib
 
     def _toggle_rate(self, mask: torch.Tensor, j: int, target: float | None,
                      rows: torch.Tensor | None = None) -> tuple[float, float] | None:

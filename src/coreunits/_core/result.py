@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CoreUnits", "atomic_write_text", "fingerprint_of", "read_record"]
+from coreunits._core.io import atomic_write_text
+
+__all__ = ["CoreUnits", "fingerprint_of", "read_record"]
 
 
 def fingerprint_of(settings: Any) -> str:
@@ -30,22 +31,6 @@ def read_record(path: str | os.PathLike[str], fingerprint: str, required: str = 
     if not isinstance(record, dict) or record.get("fingerprint") != fingerprint or required not in record:
         return None
     return record
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

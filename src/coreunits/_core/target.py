@@ -49,10 +49,12 @@ import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, random_rows
-from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
 from coreunits._core.elimination import Toggle, Trace, eliminate, exchange
+from coreunits._core.errors import OptionError
+from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
 from coreunits._core.lazy import best_first
 from coreunits._core.objective import decision_margin
+from coreunits._core.problem import SelectionProblem
 
 __all__ = [
     "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "PROBE_ROWS", "Judge", "Refinement", "mask_judge",
@@ -182,8 +184,6 @@ def mask_judge(cache: ActivationCache, dprime: DPrime, target_class: int, readin
         return [m.float().to(cache.device) for m in mask.split(sizes)]
 
     if len(sizes) == 1:
-        from coreunits._core.problem import SelectionProblem
-
         problem = SelectionProblem(cache, cache.specs[0].name, target_class, reading=reading, dprime=dprime)
         positions = random_rows(torch.arange(len(problem.rows)), probe_rows, seed)
 
@@ -230,7 +230,7 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
         reaches the target, the result keeps every unit that was added.
     """
     if drop_order not in DROP_ORDERS:
-        raise ValueError(f"drop_order must be one of {DROP_ORDERS}, got {drop_order!r}")
+        raise OptionError(f"drop_order must be one of {DROP_ORDERS}, got {drop_order!r}")
     if not isinstance(judge, Judge):
         judge = Judge(judge)
     mask = mask.flatten().bool().cpu().clone()

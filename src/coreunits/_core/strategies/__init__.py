@@ -13,8 +13,8 @@ from coreunits._core.strategies.shapley import TruncatedMonteCarloShapley
 
 __all__ = [
     "CaptumConductance",
-    "GradientTimesActivation",
     "ExactGreedyElimination",
+    "GradientTimesActivation",
     "GreedyBackwardElimination",
     "HardConcreteL0",
     "MeanActivation",

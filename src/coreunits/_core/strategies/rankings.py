@@ -14,14 +14,17 @@ attribution baselines the switch-gate selection is compared with:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import torch
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.engine import check_scores
+from coreunits._core.errors import OptionError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import INPUT, LayerSpec
+from coreunits._core.objective import decision_margin
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.strategies.base import RankingStrategy
 
@@ -30,7 +33,6 @@ __all__ = [
     "GradientTimesActivation",
     "MeanActivation",
     "RandomRanking",
-    "class_margin",
     "positive_rows",
 ]
 
@@ -40,17 +42,6 @@ _BATCH = 512
 def positive_rows(problem: SelectionProblem) -> torch.Tensor:
     """Cache rows of D'_c's positives (the inputs the model predicts as c)."""
     return problem.rows[problem.labels.cpu() > 0.5]
-
-
-def class_margin(scores: torch.Tensor, target_class: int) -> torch.Tensor:
-    """``s_c - max_{j != c} s_j`` per example: > 0 exactly when c is the (unique) argmax.
-
-    Not :func:`~coreunits._core.objective.center_margin`: that one is
-    ``max(s) - s_c`` and is identically 0 (with zero gradient) wherever c is
-    the argmax, i.e. on every positive, so it carries no attribution signal.
-    """
-    others = torch.cat([scores[:, :target_class], scores[:, target_class + 1 :]], dim=1)
-    return scores[:, target_class] - others.max(dim=1).values
 
 
 def _per_unit(t: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -159,7 +150,7 @@ class GradientTimesActivation(RankingStrategy):
 
     Per unit j, the mean over D'_c's positives of
     ``|sum_{e in unit j} a_e * d m / d a_e|`` with ``m = s_c - max_{i != c} s_i``
-    (:func:`class_margin`): the linear estimate of how much zeroing the unit
+    (:func:`~coreunits._core.objective.decision_margin`): the linear estimate of how much zeroing the unit
     moves the margin that decides "is it c?". It is computed as the gradient
     of ``m`` w.r.t. a per-example gate of ones on the layer (at ``g = 1``,
     ``dm/dg_j`` is exactly that sum), so it works wherever the gated model runs,
@@ -190,7 +181,8 @@ class GradientTimesActivation(RankingStrategy):
                 gate = torch.ones(chunk.numel(), k, device=cache.device, requires_grad=True)
                 gates: list[torch.Tensor | None] = [None] * len(cache.specs)
                 gates[problem.position] = gate
-                margin = class_margin(cache.gated.suffix(front, gates), problem.target_class)
+                # Not center_margin (max(s) - s_c): it is 0 with zero gradient wherever c is the argmax.
+                margin = decision_margin(cache.gated.suffix(front, gates), problem.target_class)
                 # Examples are independent (eval mode), so the gradient of the sum
                 # gives each example's own gradient in its row of the (B, K) gate.
                 (grad,) = torch.autograd.grad(margin.sum(), gate)
@@ -218,14 +210,16 @@ class CaptumConductance(RankingStrategy):
 
     def __init__(self, method: str = "conductance", n_steps: int = 20, batch_size: int = 64) -> None:
         if method not in ("conductance", "grad_x_activation"):
-            raise ValueError(f"method must be 'conductance' or 'grad_x_activation', got {method!r}")
+            raise OptionError(f"method must be 'conductance' or 'grad_x_activation', got {method!r}")
         self.method, self.n_steps, self.batch_size = method, n_steps, batch_size
 
     def rank(self, problem: SelectionProblem) -> torch.Tensor:
         try:
-            from captum.attr import LayerConductance, LayerGradientXActivation
+            # Imported by name: captum ships no type information, and it is an optional extra.
+            attr = importlib.import_module("captum.attr")
         except ImportError as err:
             raise ImportError("CaptumConductance needs captum: pip install captum") from err
+        LayerConductance, LayerGradientXActivation = attr.LayerConductance, attr.LayerGradientXActivation
         cache, spec = problem.cache, problem.spec
         if spec.module is None:
             raise ValueError("captum's layer attributions need a module; use it on a hidden layer, not 'input'")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from coreunits._core.dprime import random_rows
+from coreunits._core.errors import OptionError
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.strategies.base import RankingStrategy, StrategyResult
 
@@ -45,7 +46,7 @@ class TruncatedMonteCarloShapley(RankingStrategy):
     def __init__(self, permutations: int = 20, tolerance: float = 0.005, probe_rows: int | None = 1024,
                  seed: int = 0) -> None:
         if permutations < 1:
-            raise ValueError(f"permutations must be >= 1, got {permutations}")
+            raise OptionError(f"permutations must be >= 1, got {permutations}")
         self.permutations, self.tolerance, self.probe_rows, self.seed = permutations, tolerance, probe_rows, seed
         self._info: dict[str, object] = {}
 
