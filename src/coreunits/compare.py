@@ -380,8 +380,10 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
                       f"{h['units_vs_greedy']:+.2f} | {h['pairs_within_one']}/{h['pairs_with_greedy']} | {h['gates_mean_seconds']:.1f} | {h['greedy_mean_seconds']:.1f} | "
                       f"{h['greedy_time_ratio']:.1f}x")
             lines.append(f"| {h['layer']} | {h['gates_le_every_ranking']}/{h['pairs_with_rankings']} | {held} | {vs} |")
-        lines += ["", "Rankings are " + ", ".join(sorted({r['method'] for r in records} - set(SET_METHODS)))
-                  + "; their set is the smallest top-k reaching the target. Greedy is "
+        ranking_methods = sorted({r["method"] for r in records} - set(SET_METHODS))
+        lines += ["", ("Rankings are " + ", ".join(ranking_methods)
+                       + "; their set is the smallest top-k reaching the target." if ranking_methods
+                       else "No ranking method ran (the ranking column is 0/0).") + " Greedy is "
                   + ("exact greedy backward elimination (`greedy_exact`: every candidate on all of D'_c)"
                      if any(h.get("reference") == "greedy_exact" for h in heads) else
                      "greedy backward elimination ranked on a probe (`greedy_backward`)")

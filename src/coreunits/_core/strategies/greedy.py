@@ -17,6 +17,7 @@ import torch
 from coreunits._core.elimination import Trace, eliminate
 from coreunits._core.lazy import best_first
 from coreunits._core.problem import SelectionProblem
+from coreunits._core.progress import progress_bar
 from coreunits._core.strategies.base import Strategy, StrategyResult
 from coreunits._core.strategies.shapley import draw_probe
 
@@ -152,7 +153,17 @@ def exact_elimination(name: str, problem: SelectionProblem, target: float | None
     t0 = time.perf_counter()
     before = problem.evaluations
     trace = Trace()
-    kept, rate = eliminate(problem.toggle_rates, torch.ones(problem.num_units, dtype=torch.bool), target, trace)
+    # Minutes on a wide layer: a bar (one tick per step, quiet when stderr is not a terminal).
+    bar = progress_bar(enabled=True, total=problem.num_units, desc=f"exact greedy, class {problem.target_class}",
+                       unit="step", leave=False)
+
+    def toggle(mask: torch.Tensor, cands: list[int], tgt: float | None) -> dict[int, tuple[float, float] | None]:
+        bar.update(1)
+        bar.set_postfix(kept=int(mask.sum()), refresh=False)
+        return problem.toggle_rates(mask, cands, tgt)
+
+    with bar:
+        kept, rate = eliminate(toggle, torch.ones(problem.num_units, dtype=torch.bool), target, trace)
     # Dropped later = more needed; the units never dropped rank above, the one whose
     # removal would have held best lowest among them (given-up candidates highest).
     ranking = torch.zeros(problem.num_units)
