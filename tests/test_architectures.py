@@ -236,6 +236,8 @@ def test_resnet18_full_width_fx_and_hooks_agree_on_residual_bn2(resnet_base) -> 
     assert_untouched(model, snap)
 
 
+# Slow: 70 s in the final fast run of this session (2 cores, load about 4).
+@pytest.mark.slow
 def test_resnet18_residual_identity_is_part_of_the_cached_frontier(resnet) -> None:
     # Gating bn2 of a block: the suffix starts after bn2 and must be given the block's
     # input (the identity of `out += identity`) as well, or the residual is lost.

@@ -161,3 +161,16 @@ def test_planted_fast_path_records_no_fallback(planted) -> None:
     r = find_core_units(model, "feat", 0, x, progress=False, epochs=1, min_steps=10)
     assert r.settings["engine"] == "fx" and "engine" not in r.settings["fallbacks"]
     assert r.settings["target_holding_rate"] is None and r.settings["alpha"] == DEFAULTS["alpha"]
+
+
+def test_sample_fallback_says_its_results_differ(monkeypatch, tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from coreunits.cli import _mnist_data
+
+    monkeypatch.delenv("COREUNITS_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    data, source = _mnist_data(argparse.Namespace(data_root=None, split="test"), allow_download=False)
+    err = capsys.readouterr().err
+    assert len(data) == 2000 and source.startswith("embedded sample")
+    assert "results differ from the full data" in err and "make demo DATA_ROOT=" in err

@@ -29,6 +29,8 @@ def mnist_test() -> torch.utils.data.TensorDataset:
     return load_mnist(shared_data_or_skip(), train=False)
 
 
+# Slow: 65 s in the final fast run of this session (2 cores, load about 4): 10,000 test digits.
+@pytest.mark.slow
 def test_max1_class0_on_real_mnist(mnist_model, mnist_test) -> None:
     torch.set_num_threads(2)
     cache = ActivationCache(mnist_model, "max1", mnist_test, batch_size=1000)
