@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SWAP_TRIES", "Toggle", "Trace", "add_back", "eliminate", "exchange"]
+__all__ = ["SWAP_TRIES", "Toggle", "Trace", "add_back", "eliminate", "exchange", "ranked_elimination"]
 
 #: ``toggle(mask, candidates, target)`` -> ``{unit: (holding rate, margin) or None}`` (None: misses ``target``).
 Toggle = Callable[[torch.Tensor, list[int], "float | None"], dict[int, "tuple[float, float] | None"]]
@@ -71,6 +71,38 @@ def eliminate(toggle: Toggle, mask: torch.Tensor, target: float | None,
         rate = scores[best][0]  # type: ignore[index]
         trace.dropped.append(best)
     return mask, rate
+
+
+def ranked_elimination(mask: torch.Tensor, rank: Callable[[torch.Tensor, list[int]], list[int]],
+                       drop: Callable[[torch.Tensor, int], bool], tries: int | None,
+                       candidates: Callable[[torch.Tensor], list[int]] | None = None) -> torch.Tensor:
+    """Drop, one at a time, the first of the ``tries`` best-ranked kept units that ``drop`` accepts.
+
+    The elimination of greedy on a probe and of target mode's least-harm drops:
+    ``rank`` orders the candidates cheaply (on a probe of D'_c, re-scored
+    lazily), ``drop(mask, j)`` judges removing ``j`` on all of D'_c and says
+    whether it holds; when none of the ``tries`` best holds (None: all of
+    them), elimination stops. Where every candidate is scored on all of D'_c,
+    :func:`eliminate` needs no verification.
+
+    Args:
+        mask: bool mask to start from (True = kept); not modified.
+        rank: ``(mask, candidates)`` -> the candidates, best first.
+        drop: accepts or refuses one removal (and records it, if it wants).
+        tries: candidates verified per step before giving up.
+        candidates: the kept units to rank (default: all, in index order).
+    """
+    mask = mask.flatten().bool().clone()
+    while bool(mask.any()):
+        cands = candidates(mask) if candidates is not None else torch.nonzero(mask).flatten().tolist()
+        order = rank(mask, cands)
+        for j in order if tries is None else order[:tries]:
+            if drop(mask, j):
+                mask[j] = False
+                break
+        else:
+            break
+    return mask
 
 
 def add_back(toggle: Toggle, mask: torch.Tensor, rate: float, target: float,

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, random_rows
-from coreunits._core.elimination import Toggle, Trace, eliminate, exchange
+from coreunits._core.elimination import Toggle, Trace, eliminate, exchange, ranked_elimination
 from coreunits._core.errors import OptionError
 from coreunits._core.evaluation import HoldingRates, _original_decisions, evaluate_gates, masked_scores
 from coreunits._core.lazy import best_first
@@ -318,19 +318,24 @@ def _drop_least_harm(judge: Judge, mask: torch.Tensor, rate: float, values: torc
     77 and 75 (``python benchmarks/target_mode.py --layer max1 --classes 0 4 8``).
     """
     bounds: dict[int, tuple[float, float]] = {}
-    while bool(mask.any()):
-        kept = torch.nonzero(mask).flatten()
-        kept = kept[torch.argsort(values[kept], stable=True)]  # lowest gate first among equal scores
-        candidates = kept.tolist()
-        if judge.probe is not None:
-            order, scored = best_first(candidates, lambda j, m=mask, p=judge.probe: p(_without(m, j)), bounds)
-            out.probe_evaluations += len(scored)
-            # As greedy elimination does: when the probe's best few fail on all of D'_c, stop.
-            candidates = order[: 1 + DROP_RETRIES]
-        for j in candidates:
-            mask, rate, dropped = _try_drop(judge, mask, rate, j, target, out)
-            if dropped:
-                break
-        else:
-            break  # none of the candidates can go
-    return mask, rate
+    current = [rate]
+
+    def by_gate(m: torch.Tensor) -> list[int]:
+        kept = torch.nonzero(m).flatten()
+        return kept[torch.argsort(values[kept], stable=True)].tolist()  # lowest gate first among equal scores
+
+    def rank(m: torch.Tensor, candidates: list[int]) -> list[int]:
+        if judge.probe is None:
+            return candidates
+        order, scored = best_first(candidates, lambda j, p=judge.probe: p(_without(m, j)), bounds)
+        out.probe_evaluations += len(scored)
+        return order
+
+    def drop(m: torch.Tensor, j: int) -> bool:
+        _, current[0], dropped = _try_drop(judge, m, current[0], j, target, out)
+        return dropped
+
+    # As greedy elimination does: when the probe's best few fail on all of D'_c, stop.
+    tries = 1 + DROP_RETRIES if judge.probe is not None else None
+    mask = ranked_elimination(mask, rank, drop, tries, by_gate)
+    return mask, current[0]

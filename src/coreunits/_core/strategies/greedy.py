@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from coreunits._core.elimination import Trace, eliminate
+from coreunits._core.elimination import Trace, eliminate, ranked_elimination
 from coreunits._core.lazy import best_first
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.progress import progress_bar
@@ -57,42 +57,38 @@ class GreedyBackwardElimination(Strategy):
         before = problem.evaluations
         k = problem.num_units
         probe = draw_probe(problem, self.probe_rows, self.seed)
-        kept = torch.ones(k, dtype=torch.bool)
         dropped: list[int] = []
-        candidate_evals = verifications = 0
+        counts = {"candidates": 0, "verifications": 0}
         # Candidates and their scores at the last step, to order the units never dropped.
         last: tuple[list[int], torch.Tensor] = ([], torch.zeros(0))
-
-        def without(j: int) -> torch.Tensor:
-            m = kept.clone()
-            m[j] = False
-            return m
-
         bounds: dict[int, float] | None = {} if self.lazy else None
-        while kept.any():
-            cands = torch.nonzero(kept).flatten().tolist()
+        fresh: dict[int, float] = {}
+
+        def rank(m: torch.Tensor, cands: list[int]) -> list[int]:
+            nonlocal last, fresh
             # Stable: among equally good candidates the lowest index goes first (reproducible).
-            order, fresh = best_first(cands, lambda j: problem.holding(without(j), rows=probe), bounds)
-            candidate_evals += len(fresh)
+            order, fresh = best_first(cands, lambda j: problem.holding(_without(m, j), rows=probe), bounds)
+            counts["candidates"] += len(fresh)
             last = (cands, torch.tensor([fresh[j] if j in fresh else bounds[j] for j in cands],  # type: ignore[index]
                                         dtype=torch.float64))
-            chosen: int | None = None
+            return order
+
+        def drop(m: torch.Tensor, j: int) -> bool:
             if target is None:
-                chosen = order[0]
+                ok = True
             elif probe is None:
                 # Scored on all of D'_c already: if the best misses the target, every candidate does.
-                if fresh[order[0]] >= target:
-                    chosen = order[0]
+                ok = fresh[j] >= target
             else:
-                for j in order[: 1 + self.retries]:
-                    verifications += 1
-                    if problem.reaches(without(j), target)[0]:
-                        chosen = j
-                        break
-            if chosen is None:
-                break
-            kept[chosen] = False
-            dropped.append(chosen)
+                counts["verifications"] += 1
+                ok = problem.reaches(_without(m, j), target)[0]
+            if ok:
+                dropped.append(j)
+            return ok
+
+        tries = 1 if target is None or probe is None else 1 + self.retries
+        kept = ranked_elimination(torch.ones(k, dtype=torch.bool), rank, drop, tries)
+        candidate_evals, verifications = counts["candidates"], counts["verifications"]
 
         ranking = torch.zeros(k)
         for step, j in enumerate(dropped):
@@ -182,3 +178,9 @@ def exact_elimination(name: str, problem: SelectionProblem, target: float | None
         if rate is None:
             rate = problem.holding(kept)
     return StrategyResult(name, ranking, mask, rate, time.perf_counter() - t0, problem.evaluations - before, info)
+
+
+def _without(mask: torch.Tensor, j: int) -> torch.Tensor:
+    m = mask.clone()
+    m[j] = False
+    return m
