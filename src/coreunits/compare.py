@@ -341,6 +341,18 @@ def _plot(records: list[dict[str, Any]], path: Path, target: float) -> bool:
     return True
 
 
+def _reference_note(heads: list[dict[str, Any]]) -> str:
+    """Which greedy each layer's row is judged against (exact greedy where it ran, else the probe greedy)."""
+    names = {"greedy_exact": "exact greedy backward elimination (`greedy_exact`: every candidate on all of D'_c)",
+             "greedy_backward": "greedy backward elimination ranked on a probe (`greedy_backward`)"}
+    layers: dict[str, list[str]] = {}
+    for h in heads:
+        if h["layer"] != "all" and "reference" in h:
+            layers.setdefault(h["reference"], []).append(h["layer"])
+    parts = [f"{names[ref]} in {', '.join(sorted(ls))}" for ref, ls in sorted(layers.items(), reverse=True)]
+    return ("Greedy is " + "; ".join(parts) + ".") if parts else ""
+
+
 def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, target: float,
                             description: str, command: str) -> dict[str, Any]:
     """Write comparison.json, table.csv, summary.csv, curves.csv, comparison.png and report.md to ``out``."""
@@ -383,11 +395,9 @@ def write_comparison_report(out: str | Path, records: list[dict[str, Any]], *, t
         ranking_methods = sorted({r["method"] for r in records} - set(SET_METHODS))
         lines += ["", ("Rankings are " + ", ".join(ranking_methods)
                        + "; their set is the smallest top-k reaching the target." if ranking_methods
-                       else "No ranking method ran (the ranking column is 0/0).") + " Greedy is "
-                  + ("exact greedy backward elimination (`greedy_exact`: every candidate on all of D'_c)"
-                     if any(h.get("reference") == "greedy_exact" for h in heads) else
-                     "greedy backward elimination ranked on a probe (`greedy_backward`)")
-                  + ". Times are wall seconds per (layer, class), measured in the same run.", ""]
+                       else "No ranking method ran (the ranking column is 0/0).") + " " + _reference_note(heads)
+                  + " Times are wall seconds per (layer, class), as each record measured them (a resumed"
+                  " sweep mixes runs).", ""]
     for layer in sorted({s["layer"] for s in summary}):
         lines += [f"## {layer}", "",
                   "| method | classes | mean units | mean holding (D'_c) | lowest | reached | "
