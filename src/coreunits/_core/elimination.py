@@ -1,11 +1,15 @@
-"""Greedy elimination and add-back on exact holding rates: the one loop every set search uses.
+"""Elimination loops: the one place units are dropped one at a time.
 
-Both rank candidates by the holding rate of the toggled mask on all of D'_c,
-ties broken by the mean log-sigmoid signed margin (how far the inputs are from
-changing decision), then by unit index. ``toggle`` answers a whole step at
-once (:meth:`SelectionProblem.toggle_rates` runs every candidate in one
-batched pass where the layer feeds a Linear or Conv2d, and gives up on a
-candidate once it cannot reach the target).
+``eliminate`` (exact greedy, and target mode's last step) ranks candidates by
+the holding rate of the toggled mask on all of D'_c, ties broken by the mean
+log-sigmoid signed margin (how far the inputs are from changing decision),
+then by unit index; ``toggle`` answers a whole step at once
+(:meth:`SelectionProblem.toggle_rates` runs every candidate in one batched
+pass where the layer feeds a Linear or Conv2d, and gives up on a candidate
+once it cannot reach the target). ``exchange`` swaps units in where
+elimination stalls. ``ranked_elimination`` ranks cheaply (on a probe) and
+verifies the best few on all of D'_c: the probe greedy and target mode's
+least-harm drops.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SWAP_TRIES", "Toggle", "Trace", "add_back", "eliminate", "exchange", "ranked_elimination"]
+__all__ = ["SWAP_TRIES", "Toggle", "Trace", "eliminate", "exchange", "ranked_elimination"]
 
 #: ``toggle(mask, candidates, target)`` -> ``{unit: (holding rate, margin) or None}`` (None: misses ``target``).
 Toggle = Callable[[torch.Tensor, list[int], "float | None"], dict[int, "tuple[float, float] | None"]]
@@ -103,23 +107,6 @@ def ranked_elimination(mask: torch.Tensor, rank: Callable[[torch.Tensor, list[in
         else:
             break
     return mask
-
-
-def add_back(toggle: Toggle, mask: torch.Tensor, rate: float, target: float,
-             trace: Trace | None = None) -> tuple[torch.Tensor, float]:
-    """Add, one at a time, the unit whose addition holds best, until the target is reached (or all are kept)."""
-    trace = trace if trace is not None else Trace()
-    mask = mask.flatten().bool().cpu().clone()
-    while rate < target and not bool(mask.all()):
-        cands = torch.nonzero(~mask).flatten().tolist()
-        scores = toggle(mask, cands, None)
-        trace.evaluations += len(cands)
-        best = _best(scores)
-        assert best is not None  # without a target every candidate is scored
-        mask[best] = True
-        rate = scores[best][0]  # type: ignore[index]
-        trace.added.append(best)
-    return mask, rate
 
 
 def exchange(toggle: Toggle, mask: torch.Tensor, rate: float, target: float, tries: int = SWAP_TRIES,
