@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SWAP_TRIES", "Toggle", "Trace", "eliminate", "exchange", "ranked_elimination"]
+__all__ = ["SWAP_TRIES", "Toggle", "Trace", "eliminate", "exchange", "ranked_elimination", "without"]
 
 #: ``toggle(mask, candidates, target)`` -> ``{unit: (holding rate, margin) or None}`` (None: misses ``target``).
 Toggle = Callable[[torch.Tensor, list[int], "float | None"], dict[int, "tuple[float, float] | None"]]
@@ -37,6 +37,13 @@ class Trace:
     added: list[int] = field(default_factory=list)
     evaluations: int = 0
     last_scores: dict[int, tuple[float, float] | None] = field(default_factory=dict)
+
+
+def without(mask: torch.Tensor, j: int) -> torch.Tensor:
+    """A copy of ``mask`` with unit ``j`` dropped (the mask a removal is judged on)."""
+    trial = mask.clone()
+    trial[j] = False
+    return trial
 
 
 def _best(scores: dict[int, tuple[float, float] | None]) -> int | None:

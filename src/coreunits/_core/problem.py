@@ -247,10 +247,7 @@ class SelectionProblem:
         alive = list(candidates)
         # Building every unit's contribution costs about one pass of the next layer over D'_c:
         # worth it for steps that score most units (greedy from all units), not for a small set.
-        wide = len(candidates) * 4 >= self.num_units and positions is None
-        contrib = self._contributions(evaluator) if wide else None
-        if self._contrib is not False and self._contrib is not None:
-            contrib = self._contrib
+        contrib = self._contributions(evaluator, build=len(candidates) * 4 >= self.num_units and positions is None)
         for start in range(0, n, chunk):
             if not alive:
                 break
@@ -273,9 +270,9 @@ class SelectionProblem:
             out[j] = (1.0 - changed[j] / n, margin[j] / n)
         return out
 
-    def _contributions(self, evaluator: Any) -> torch.Tensor | None:
-        """The units' contributions to the next Linear on D'_c, built once when affordable."""
-        if self._contrib is False:
+    def _contributions(self, evaluator: Any, build: bool) -> torch.Tensor | None:
+        """The units' contributions to the next Linear on D'_c: built once (when ``build`` and affordable), then reused."""
+        if self._contrib is False and build:
             spec = evaluator.linear
             size = len(self.rows) * self.num_units * getattr(spec, "out_features", 0) * 4
             self._contrib = evaluator.unit_contributions(self.rows) if 0 < size <= CONTRIBUTION_BYTES else None

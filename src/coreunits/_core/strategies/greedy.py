@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from coreunits._core.elimination import Trace, eliminate, ranked_elimination
+from coreunits._core.elimination import Trace, eliminate, ranked_elimination, without
 from coreunits._core.lazy import best_first
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.progress import progress_bar
@@ -67,7 +67,7 @@ class GreedyBackwardElimination(Strategy):
         def rank(m: torch.Tensor, cands: list[int]) -> list[int]:
             nonlocal last, fresh
             # Stable: among equally good candidates the lowest index goes first (reproducible).
-            order, fresh = best_first(cands, lambda j: problem.holding(_without(m, j), rows=probe), bounds)
+            order, fresh = best_first(cands, lambda j: problem.holding(without(m, j), rows=probe), bounds)
             counts["candidates"] += len(fresh)
             last = (cands, torch.tensor([fresh[j] if j in fresh else bounds[j] for j in cands],  # type: ignore[index]
                                         dtype=torch.float64))
@@ -81,7 +81,7 @@ class GreedyBackwardElimination(Strategy):
                 ok = fresh[j] >= target
             else:
                 counts["verifications"] += 1
-                ok = problem.reaches(_without(m, j), target)[0]
+                ok = problem.reaches(without(m, j), target)[0]
             if ok:
                 dropped.append(j)
             return ok
@@ -178,9 +178,3 @@ def exact_elimination(name: str, problem: SelectionProblem, target: float | None
         if rate is None:
             rate = problem.holding(kept)
     return StrategyResult(name, ranking, mask, rate, time.perf_counter() - t0, problem.evaluations - before, info)
-
-
-def _without(mask: torch.Tensor, j: int) -> torch.Tensor:
-    m = mask.clone()
-    m[j] = False
-    return m
