@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coreunits.data import _find_mnist_files, _read_maybe_gz, _read_mnist_arrays
+from coreunits.data import open_mnist
 
 _MAX_BYTES = 1_000_000
 _REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=_DEFAULT_OUT, help="output .npz path")
     args = parser.parse_args(argv)
 
-    images, labels = _read_mnist_arrays(args.data_root, train=False)
-    images, labels = images[: args.count].copy(), labels[: args.count].copy()
+    test = open_mnist(args.data_root, train=False)  # torchvision reads the IDX files
+    images = test.data[: args.count].numpy().copy()
+    labels = test.targets[: args.count].numpy().astype(np.uint8)
 
-    # Hash the decompressed source files (images then labels), as mnist_checksum does,
-    # but keep the full digest since this is a provenance record.
+    # Hash the source files (images then labels), as mnist_checksum does, but keep the
+    # full digest since this is a provenance record.
     h = hashlib.sha256()
-    for path in _find_mnist_files(args.data_root, train=False):
-        h.update(_read_maybe_gz(path))
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        h.update((Path(test.raw_folder) / name).read_bytes())
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

@@ -1,11 +1,14 @@
-"""Fast tests for data loading, the two model definitions and checkpoints."""
+"""Fast tests for data loading (through torchvision), the two model definitions and checkpoints."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import pickle
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,12 +20,13 @@ import torch
 import torch.fx
 from torch.utils.data import TensorDataset
 
+from coreunits import ActivationCache, DataError, MissingDataError
 from coreunits import data as data_mod
 from coreunits import train as train_mod
+from coreunits._core.dprime import build_dprime
 from coreunits.data import (
     CIFAR10_CLASSES,
     MnistDownloadError,
-    download_mnist,
     get_mnist,
     load_cifar10,
     load_mnist,
@@ -31,7 +35,7 @@ from coreunits.data import (
     resolve_data_root,
 )
 from coreunits.models import CifarNet, MnistMLP, MnistNet, build_model
-from coreunits.train import evaluate_accuracy, load_model, metadata_path
+from coreunits.train import evaluate_accuracy, load_model, load_named_or, metadata_path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -39,6 +43,7 @@ MNIST_RAW = DATA / "MNIST" / "raw"
 CIFAR_JPEG = DATA / "cifar10-jpeg"
 SAMPLE = REPO / "src" / "coreunits" / "_assets" / "mnist_sample.npz"
 TRAINED = REPO / "checkpoints" / "mnist_cnn.pt"
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 # Class counts published in the data README.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -64,6 +69,12 @@ def _small(ds: TensorDataset, n: int) -> TensorDataset:
     return TensorDataset(*(t[:n] for t in ds.tensors))
 
 
+def _one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    message = str(exc.value)
+    assert "\n" not in message, message
+    return message
+
+
 # ---------------------------------------------------------------------------
 # MNIST
 # ---------------------------------------------------------------------------
@@ -75,6 +86,12 @@ def test_resolve_data_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("COREUNITS_DATA", str(tmp_path))
     assert resolve_data_root(None) == tmp_path
     assert resolve_data_root("/elsewhere") == Path("/elsewhere")
+
+
+def test_importing_the_package_does_not_import_torchvision() -> None:
+    code = "import sys, coreunits, coreunits.data, coreunits.train; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
 
 
 @needs_mnist
@@ -91,35 +108,78 @@ def test_load_mnist_idx(train: bool, counts: list[int]) -> None:
     assert torch.bincount(y, minlength=10).tolist() == counts
 
 
+def _old_mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split exactly as the hand-written IDX reader built it, from the bytes, with numpy alone."""
+    images = np.frombuffer((MNIST_RAW / "t10k-images-idx3-ubyte").read_bytes(), dtype=np.uint8, offset=16)
+    labels = np.frombuffer((MNIST_RAW / "t10k-labels-idx1-ubyte").read_bytes(), dtype=np.uint8, offset=8)
+    x = torch.from_numpy(images.reshape(-1, 28, 28).astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
 @needs_mnist
-def test_load_mnist_accepts_raw_dir_and_gz(tmp_path: Path) -> None:
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (tmp_path / f"{name}.gz").write_bytes(
-            gzip.compress((MNIST_RAW / name).read_bytes(), compresslevel=1)
-        )
-    gz = load_mnist(tmp_path, train=False)
-    plain = load_mnist(MNIST_RAW, train=False)  # the raw folder itself as root
-    assert torch.equal(gz.tensors[0], plain.tensors[0])
-    # The checksum is over decompressed content, so both copies agree.
-    assert mnist_checksum(tmp_path, train=False) == mnist_checksum(DATA, train=False)
+@pytest.mark.skipif(not TRAINED.is_file(), reason="bundled MNIST checkpoint missing")
+def test_torchvision_mnist_gives_the_old_pixels_labels_and_dprime() -> None:
+    from torchvision.datasets import MNIST
+    from torchvision.transforms import ToTensor
+
+    x_old, y_old = _old_mnist_test()
+    new, source = get_mnist(DATA, train=False, allow_download=False, allow_sample=False)
+    assert torch.equal(new.tensors[0], x_old) and torch.equal(new.tensors[1], y_old)
+    assert source == f"MNIST test (10000) from {MNIST_RAW}"
+    # torchvision's own dataset, handed to the package as it is (items: ToTensor of the PIL digit), agrees.
+    direct = MNIST(str(DATA), train=False, transform=ToTensor())
+    assert torch.equal(torch.stack([direct[i][0] for i in range(1000)]), x_old[:1000])
+    # D'_c of the bundled classifier for two classes on the first 1000 test digits: old arrays vs load_mnist.
+    model = load_named_or(TRAINED, "mnist")
+    caches = [ActivationCache(model, "max1", x_old[:1000]), ActivationCache(model, "max1", _small(new, 1000))]
+    for c in (0, 7):
+        old, now = (build_dprime(k.predictions, c, generator=torch.Generator().manual_seed(0)) for k in caches)
+        assert old.num_positive > 50
+        assert torch.equal(now.index, old.index) and torch.equal(now.labels, old.labels)
+
+
+def _link_mnist(folder: Path, names: list[str] = MNIST_FILES) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).symlink_to(MNIST_RAW / name)
+    return folder
+
+
+@needs_mnist
+def test_load_mnist_points_torchvision_at_a_bare_folder(tmp_path: Path) -> None:
+    reference = load_mnist(DATA, train=False)
+    bare, raw = _link_mnist(tmp_path / "bare"), _link_mnist(tmp_path / "m" / "raw")
+    for root, read in ((bare, bare), (tmp_path / "m", raw)):  # the files themselves; <root>/raw
+        ds, source = get_mnist(root, train=False, allow_download=False, allow_sample=False)
+        assert torch.equal(ds.tensors[0], reference.tensors[0]) and source.endswith(str(read))
+        assert mnist_checksum(root, train=False) == mnist_checksum(DATA, train=False)
+    # Compressed files alone are not read (torchvision reads the uncompressed IDX files).
+    gz = tmp_path / "gz" / "MNIST" / "raw"
+    gz.mkdir(parents=True)
+    for name in MNIST_FILES:
+        (gz / f"{name}.gz").write_bytes(gzip.compress(b"", mtime=0))
+    with pytest.raises(MissingDataError, match="uncompressed"):
+        load_mnist(tmp_path / "gz", train=False)
 
 
 def test_load_mnist_wrong_root_message(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as info:
         load_mnist(missing, train=True)
-    message = str(info.value)
+    message = _one_line(info)
+    assert isinstance(info.value, MissingDataError)
     assert str(missing / "MNIST" / "raw") in message
     assert "--data-root" in message and "COREUNITS_DATA" in message and "download" in message
 
 
-def test_load_mnist_rejects_bad_magic(tmp_path: Path) -> None:
+def test_load_mnist_unreadable_files_are_one_clear_error(tmp_path: Path) -> None:
     bad = np.zeros(16 + 28 * 28, dtype=np.uint8)
-    bad[:4] = [0, 0, 8, 4]
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(bad.tobytes())
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 3]))
-    with pytest.raises(ValueError, match="magic"):
+    bad[:4] = [0, 0, 8, 4]  # magic of a 4-dimensional array: not MNIST
+    for name in MNIST_FILES:
+        (tmp_path / name).write_bytes(bad.tobytes())
+    with pytest.raises(DataError, match="cannot read") as info:
         load_mnist(tmp_path, train=False)
+    assert str(tmp_path) in _one_line(info) and "original uncompressed IDX files" in str(info.value)
 
 
 def test_embedded_sample() -> None:
@@ -170,51 +230,69 @@ def _offline(*args: Any, **kwargs: Any) -> Any:
     raise urllib.error.URLError("network unreachable (test)")
 
 
-def test_download_offline(
-    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_torchvision_download_offline_is_our_clear_error(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", _offline)
-    with pytest.raises(MnistDownloadError, match="could not download"):
-        download_mnist(tmp_path / "dl")
+    with pytest.raises(MnistDownloadError, match="could not download MNIST") as info:
+        data_mod._download_mnist(isolated_env)
+    assert "unreachable" in _one_line(info)
     ds, desc = get_mnist(None, allow_download=True, allow_sample=True)
     assert len(ds) == 2000 and "download failed" in desc and "unreachable" in desc
+    with pytest.raises(MissingDataError, match="download failed") as missing:
+        get_mnist(None, allow_download=True, allow_sample=False)
+    assert "--data-root" in _one_line(missing)
+
+
+class _Response(io.BytesIO):
+    """What torchvision's downloader reads from ``urllib.request.urlopen``."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        super().__init__(body)
+        self.url, self.length = url, len(body)
 
 
 @needs_mnist
-def test_download_verifies_and_writes_atomically(
+def test_get_mnist_downloads_through_torchvision_into_the_cache(
     isolated_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from torchvision.datasets import MNIST
+
+    served = {f"{n}.gz": gzip.compress((MNIST_RAW / n).read_bytes(), compresslevel=1, mtime=0) for n in MNIST_FILES}
+    # torchvision checks each file against the published MD5 of the original .gz; ours are recompressed.
+    monkeypatch.setattr(MNIST, "resources", [(k, hashlib.md5(v).hexdigest()) for k, v in served.items()])
     requested: list[str] = []
 
-    def fake_urlopen(url: str, timeout: float) -> io.BytesIO:
-        requested.append(url)
-        name = url.rsplit("/", 1)[1].removesuffix(".gz")
-        return io.BytesIO(gzip.compress((MNIST_RAW / name).read_bytes(), compresslevel=1))
+    def fake_urlopen(request: urllib.request.Request, *args: Any, **kwargs: Any) -> _Response:
+        requested.append(request.full_url)
+        return _Response(request.full_url, served[request.full_url.rsplit("/", 1)[1]])
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     ds, desc = get_mnist(None, train=False, allow_download=True, allow_sample=False)
-    assert len(ds) == 10000 and str(isolated_env) in desc
-    assert len(requested) == 4 and all(u.startswith(data_mod.MNIST_URL) for u in requested)
-    raw = isolated_env / "MNIST" / "raw"
-    assert sorted(p.name for p in raw.iterdir()) == sorted(data_mod.MNIST_MD5)  # no temp files
-    # A second call finds the cached copy and downloads nothing.
-    requested.clear()
-    get_mnist(None, train=True, allow_download=True, allow_sample=False)
+    assert len(ds) == 10000 and desc.endswith(str(isolated_env / "MNIST" / "raw"))
+    assert {u.rsplit("/", 1)[1] for u in requested} == set(served)
+    assert torch.equal(ds.tensors[0], load_mnist(DATA, train=False).tensors[0])
+    requested.clear()  # a second call finds the cached copy and downloads nothing
+    assert len(get_mnist(None, train=True, allow_download=True, allow_sample=False)[0]) == 60000
     assert requested == []
-
-
-def test_download_rejects_bad_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(
-        urllib.request, "urlopen", lambda url, timeout: io.BytesIO(gzip.compress(b"junk"))
-    )
-    with pytest.raises(MnistDownloadError, match="checksum"):
-        download_mnist(tmp_path)
-    assert not any((tmp_path / "MNIST" / "raw").glob("*"))
 
 
 # ---------------------------------------------------------------------------
 # CIFAR-10
 # ---------------------------------------------------------------------------
+
+
+@needs_cifar
+def test_imagefolder_cifar10_gives_the_old_pixels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    ds = load_cifar10(DATA, train=False, cache=tmp_path, limit=300, progress=False)
+    # The old loader: per class (sorted = official order) the first 30 files by name, decoded by Pillow.
+    expected = [
+        np.asarray(Image.open(CIFAR_JPEG / "test" / name / f"{j:04d}.jpg").convert("RGB")).transpose(2, 0, 1)
+        for name in CIFAR10_CLASSES
+        for j in range(30)
+    ]
+    assert torch.equal(ds.tensors[0], torch.from_numpy(np.stack(expected)))
+    assert ds.tensors[1].tolist() == [c for c in range(10) for _ in range(30)]
 
 
 @needs_cifar
@@ -225,12 +303,12 @@ def test_load_cifar10_jpeg_subset_and_cache(
     x, y = ds.tensors
     assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and torch.bincount(y, minlength=10).tolist() == [2] * 10
-    assert len(list(tmp_path.glob("*.npy"))) == 2 and len(list(tmp_path.glob("*.json"))) == 1
+    assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]  # one file, no temp file left
 
     def no_decode(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("cache was not used")
 
-    monkeypatch.setattr(data_mod, "_decode_images", no_decode)
+    monkeypatch.setattr(data_mod, "_decode", no_decode)
     again = load_cifar10(CIFAR_JPEG, train=False, cache=tmp_path, limit=20, progress=False)
     assert torch.equal(again.tensors[0], x) and torch.equal(again.tensors[1], y)
 
@@ -240,36 +318,53 @@ def _write_fake_batch(path: Path, n: int, seed: int) -> tuple[np.ndarray, list[i
     images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n).tolist()
     with path.open("wb") as f:
-        pickle.dump({b"data": images, b"labels": labels, b"batch_label": b"x"}, f)
+        pickle.dump({"data": images, "labels": labels, "batch_label": "x"}, f)  # the official files hold str keys
     return images, labels
 
 
-def test_load_cifar10_python_batches(tmp_path: Path) -> None:
-    batches = tmp_path / "cifar-10-batches-py"
+def _fake_batches(root: Path) -> tuple[list[tuple[np.ndarray, list[int]]], tuple[np.ndarray, list[int]]]:
+    batches = root / "cifar-10-batches-py"
     batches.mkdir()
     parts = [_write_fake_batch(batches / f"data_batch_{i}", 4, i) for i in range(1, 6)]
-    test_images, test_labels = _write_fake_batch(batches / "test_batch", 3, 9)
+    test = _write_fake_batch(batches / "test_batch", 3, 9)
+    with (batches / "batches.meta").open("wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, f)
+    return parts, test
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_load_cifar10_python_batches_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    parts, (test_images, test_labels) = _fake_batches(tmp_path)
+    batches = tmp_path / "cifar-10-batches-py"
+    # torchvision accepts only files with the official MD5s: give it those of the fakes.
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", _md5(batches / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(batches / "test_batch")]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(batches / "batches.meta")})
     train = load_cifar10(tmp_path, train=True, cache=tmp_path / "c")
-    assert train.tensors[0].shape == (20, 3, 32, 32)
+    assert train.tensors[0].shape == (20, 3, 32, 32) and train.tensors[0].dtype == torch.uint8
     assert train.tensors[1].tolist() == sum((p[1] for p in parts), [])
     test = load_cifar10(tmp_path, train=False, cache=tmp_path / "c")
     assert np.array_equal(test.tensors[0].numpy().reshape(3, -1), test_images)
     assert test.tensors[1].tolist() == test_labels
+    assert not (tmp_path / "c").exists()  # the batches are never cached
 
 
-def test_cifar_batches_refuse_arbitrary_pickles(tmp_path: Path) -> None:
-    batches = tmp_path / "cifar-10-batches-py"
-    batches.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        # A pickle referencing a global other than numpy's array rebuilders.
-        (batches / name).write_bytes(pickle.dumps({b"data": Path("x"), b"labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+def test_cifar_batches_that_are_not_the_official_files_are_refused(tmp_path: Path) -> None:
+    _fake_batches(tmp_path)  # torchvision checks the MD5s before it unpickles anything
+    with pytest.raises(MissingDataError, match="MD5") as info:
         load_cifar10(tmp_path, train=False)
+    assert str(tmp_path / "cifar-10-batches-py") in _one_line(info)
 
 
 def test_load_cifar10_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="cifar10-jpeg"):
+    with pytest.raises(FileNotFoundError, match="cifar10-jpeg") as info:
         load_cifar10(tmp_path, train=True)
+    assert "--data-root" in _one_line(info)
     assert CIFAR10_CLASSES[0] == "airplane" and len(CIFAR10_CLASSES) == 10
 
 

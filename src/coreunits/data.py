@@ -1,81 +1,69 @@
-"""Dataset loading for MNIST and CIFAR-10 without torchvision.
+"""MNIST and CIFAR-10 for the paper's experiments, read by torchvision.
 
-MNIST is read straight from the standard IDX files (plain or gzip-compressed).
-CIFAR-10 is read either from the official python pickles (``cifar-10-batches-py``)
-or from an ImageFolder-style tree of JPEG files, which is decoded once with Pillow
-and cached as ``.npy`` arrays.
+torchvision does the reading: ``torchvision.datasets.MNIST`` parses the IDX files
+and downloads them, ``torchvision.datasets.CIFAR10`` checks the official python
+batches' MD5 before it unpickles them, ``torchvision.datasets.ImageFolder``
+lists and decodes a tree of JPEG files. This module keeps only what torchvision
+does not do:
 
-No path is hard-wired: callers pass a data root, or set the environment variable
-``COREUNITS_DATA``. When neither is given, :func:`get_mnist` tries to download MNIST
-into a per-user cache directory and, failing that, falls back to a small sample of
-MNIST test digits shipped inside the package.
+* where the data is: ``--data-root`` / ``$COREUNITS_DATA`` (no path is
+  hard-wired), MNIST downloaded into a per-user cache when no root is given,
+  and the first 2,000 MNIST test digits shipped inside the package so that
+  demos and tests run offline; a wrong root is one error line that says where
+  it looked and how to fix it;
+* the form the package works on: one tensor dataset per split (MNIST as
+  float32 ``pixel / 255``, CIFAR-10 as uint8), checked, with a checksum of the
+  MNIST files for checkpoint metadata;
+* a decode-once cache of a CIFAR-10 JPEG tree (``.npz`` in the cache folder):
+  decoding the 60,000 JPEGs takes seconds where loading the decoded arrays
+  takes a fraction of one (``benchmarks/decode_cache.py``, RESULTS.md).
+
+Any other torch Dataset needs nothing from here: :class:`coreunits.ActivationCache`
+reads datasets whose items are tensors or ``(tensor, label)`` pairs, e.g. a
+torchvision dataset given ``transform=ToTensor()``. torchvision is imported
+inside the functions that use it, so ``import coreunits`` does not load it.
 """
 
 from __future__ import annotations
 
-import gzip
+import contextlib
+import functools
 import hashlib
-import http.client
-import json
 import os
-import pickle
-import urllib.request
-from collections.abc import Iterable, Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from coreunits._core.errors import MissingDataError
-from coreunits._core.io import atomic_write, atomic_write_bytes
+from coreunits._core.errors import DataError, MissingDataError, OptionError
+from coreunits._core.io import atomic_write
 from coreunits._core.progress import progress_bar
 
 __all__ = [
     "CIFAR10_CLASSES",
     "DATA_ENV_VAR",
-    "MNIST_FILES",
-    "MNIST_MD5",
-    "MNIST_URL",
     "MnistDownloadError",
     "cache_dir",
-    "download_mnist",
     "get_mnist",
     "load_cifar10",
     "load_mnist",
     "load_mnist_sample",
+    "locate_mnist",
     "mnist_checksum",
+    "open_mnist",
     "resolve_data_root",
 ]
 
 #: Environment variable naming the data root when no argument is given.
 DATA_ENV_VAR = "COREUNITS_DATA"
 
-#: Base URL of the MNIST mirror (the original yann.lecun.com host is unreliable).
-MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-
-#: IDX file names per split: (images, labels).
-MNIST_FILES: dict[str, tuple[str, str]] = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-#: Published MD5 checksums of the *uncompressed* MNIST files.
-MNIST_MD5: dict[str, str] = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
-
-_MNIST_SIZES = {"train": 60000, "test": 10000}
-_IDX_IMAGES_MAGIC = 0x00000803  # uint8 data, 3 dims
-_IDX_LABELS_MAGIC = 0x00000801  # uint8 data, 1 dim
-
 #: CIFAR-10 class names in the official label order (also alphabetical, which is
-#: why an ImageFolder tree sorted by folder name yields the official indices).
+#: why ImageFolder, which sorts the class folders, yields the official indices).
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
     "automobile",
@@ -90,11 +78,23 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 )
 
 _SAMPLE_ASSET = "mnist_sample.npz"
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_DOWNLOAD_TIMEOUT_S = 10.0  # torchvision's urlopen has none: a silent network would hang the demo
 
 
 class MnistDownloadError(RuntimeError):
-    """Raised when MNIST cannot be downloaded (offline, HTTP error or bad checksum)."""
+    """Raised when torchvision cannot download MNIST (offline, HTTP error or bad checksum)."""
+
+
+class _NotInFolder(FileNotFoundError):
+    """The folder does not hold the four MNIST IDX files (internal: the next layout is tried)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _split(train: bool) -> str:
+    return "train" if train else "test"
 
 
 # ---------------------------------------------------------------------------
@@ -142,99 +142,87 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _split(train: bool) -> str:
-    return "train" if train else "test"
+@functools.cache
+def _folder_mnist() -> type:
+    """torchvision's MNIST reading the IDX files of one given folder (it wants ``root/MNIST/raw``)."""
+    from torchvision.datasets import MNIST
+
+    class FolderMNIST(MNIST):
+        def __init__(self, folder: str, train: bool) -> None:
+            self._folder = folder
+            if not self._check_exists():  # torchvision's own test: the four uncompressed files
+                raise _NotInFolder(folder)
+            super().__init__(folder, train=train, download=False)
+
+        @property
+        def raw_folder(self) -> str:
+            return self._folder
+
+    return FolderMNIST
 
 
-def _mnist_search_dirs(root: Path) -> list[Path]:
-    # Accept the torchvision layout (root/MNIST/raw), a bare raw folder, or the
-    # folder holding the files itself.
-    return [root / "MNIST" / "raw", root / "raw", root]
+def open_mnist(root: str | os.PathLike[str], train: bool = True) -> Any:
+    """torchvision's MNIST dataset of one split under ``root``.
 
+    The four uncompressed IDX files (``train-images-idx3-ubyte`` etc.) are read
+    from ``root/MNIST/raw`` (torchvision's layout), else ``root/raw``, else
+    ``root`` itself: torchvision is pointed at the first folder that holds them.
 
-def _find_idx_file(directory: Path, name: str) -> Path | None:
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+    Args:
+        root: Data root.
+        train: The 60000-digit training split if True, else the 10000-digit test split.
 
+    Returns:
+        A ``torchvision.datasets.MNIST`` (items are PIL images unless given a
+        ``transform``; ``.data`` is the uint8 (N, 28, 28) tensor, ``.targets``
+        the labels, ``.raw_folder`` the folder read).
 
-def _find_mnist_files(root: Path, train: bool) -> tuple[Path, Path]:
-    """Locate the image and label IDX files of one split under ``root``."""
-    images_name, labels_name = MNIST_FILES[_split(train)]
-    searched = _mnist_search_dirs(root)
-    for directory in searched:
-        images = _find_idx_file(directory, images_name)
-        labels = _find_idx_file(directory, labels_name)
-        if images is not None and labels is not None:
-            return images, labels
-    looked = ", ".join(str(d) for d in searched)
-    # One line, and only what both a CLI user and a Python caller can act on.
+    Raises:
+        MissingDataError: No folder holds the files; the one-line message says
+            where it looked and how to fix it.
+        DataError: The files are there but are not valid MNIST IDX files.
+    """
+    base = Path(root).expanduser()
+    folders = [base / "MNIST" / "raw", base / "raw", base]
+    for folder in folders:
+        try:
+            ds = _folder_mnist()(str(folder), train)
+        except _NotInFolder:
+            continue
+        except (AssertionError, TypeError, ValueError, RuntimeError) as exc:  # what torchvision's reader raises
+            raise DataError(
+                f"{folder} holds MNIST files torchvision cannot read ({_one_line(exc)}); replace them with the "
+                "original uncompressed IDX files (a download into the cache: delete that folder and run again)"
+            ) from None
+        _check_mnist(ds, folder)
+        return ds
     raise MissingDataError(
-        f"MNIST {_split(train)} files ({images_name}[.gz], {labels_name}[.gz]) not found "
-        f"(looked in {looked}). Point --data-root (or {DATA_ENV_VAR}) at a folder that contains MNIST/raw/, "
-        f"or give no data root so that coreunits downloads MNIST into its cache (needs internet access)."
+        f"MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        f"t10k-labels-idx1-ubyte, uncompressed) not found in {', '.join(str(f) for f in folders)}. "
+        f"Point --data-root (or {DATA_ENV_VAR}) at a folder that contains MNIST/raw/, or give no data root "
+        "so that coreunits downloads MNIST into its cache (needs internet access)."
     )
 
 
-def _read_maybe_gz(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
-
-
-def _parse_idx(data: bytes, expected_magic: int, source: str | Path) -> np.ndarray:
-    """Parse an IDX byte string into a uint8 array, validating magic and size."""
-    if len(data) < 8:
-        raise ValueError(f"{source}: too short to be an IDX file ({len(data)} bytes)")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != expected_magic:
-        raise ValueError(
-            f"{source}: bad IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
+def _check_mnist(ds: Any, folder: Path) -> None:
+    """What torchvision's reader does not check: 28x28 digits, one label 0-9 per image."""
+    images, labels = ds.data, ds.targets
+    if tuple(images.shape[1:]) != (28, 28) or images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{folder}: {tuple(images.shape)} images and {tuple(labels.shape)} labels are not MNIST "
+            "(N 28x28 digits, N labels); replace the files with the original IDX files"
         )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{source}: truncated IDX header")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims))
-    if len(data) != expected:
-        raise ValueError(
-            f"{source}: size {len(data)} bytes does not match header dims {dims} "
-            f"(expected {expected} bytes)"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+        raise DataError(f"{folder}: MNIST labels must be 0-9, found {int(labels.min())}..{int(labels.max())}")
 
 
-def _read_mnist_arrays(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate one MNIST split as uint8 arrays (N, 28, 28) and (N,)."""
-    images_path, labels_path = _find_mnist_files(root, train)
-    images = _parse_idx(_read_maybe_gz(images_path), _IDX_IMAGES_MAGIC, images_path)
-    labels = _parse_idx(_read_maybe_gz(labels_path), _IDX_LABELS_MAGIC, labels_path)
-    if images.shape[1:] != (28, 28):
-        raise ValueError(f"{images_path}: expected 28x28 images, got {images.shape[1:]}")
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{images_path} has {images.shape[0]} images but {labels_path} has "
-            f"{labels.shape[0]} labels"
-        )
-    if labels.size and int(labels.max()) > 9:
-        raise ValueError(f"{labels_path}: labels must be 0-9, found {int(labels.max())}")
-    return images, labels
-
-
-def _mnist_to_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64))
-    return TensorDataset(x, y)
+def _mnist_dataset(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+    """uint8 (N, 28, 28) digits and labels -> float32 (N, 1, 28, 28) ``pixel / 255`` and int64 labels."""
+    return TensorDataset(images.to(torch.float32).div(255.0).unsqueeze(1), labels.to(torch.int64))
 
 
 def load_mnist(root: str | os.PathLike[str], train: bool = True) -> TensorDataset:
-    """Load one MNIST split from IDX files.
-
-    The files (``train-images-idx3-ubyte`` etc., optionally ``.gz``) are looked up in
-    ``root/MNIST/raw``, ``root/raw`` and ``root``, in that order.
+    """Load one MNIST split as tensors (read by torchvision, see :func:`open_mnist`).
 
     Args:
         root: Data root.
@@ -246,83 +234,94 @@ def load_mnist(root: str | os.PathLike[str], train: bool = True) -> TensorDatase
         ``pixel / 255`` in [0, 1], and int64 labels of shape (N,).
 
     Raises:
-        FileNotFoundError: If the files are not found; the message lists where it
-            looked and how to fix it.
-        ValueError: If a file is not a valid MNIST IDX file.
+        MissingDataError: The files are not found (a ``FileNotFoundError``).
+        DataError: The files are not valid MNIST (a ``ValueError``).
     """
-    images, labels = _read_mnist_arrays(Path(root).expanduser(), train)
-    return _mnist_to_dataset(images, labels)
+    ds = open_mnist(root, train)
+    return _mnist_dataset(ds.data, ds.targets)
 
 
 def mnist_checksum(root: str | os.PathLike[str], train: bool = True) -> str:
     """Return a short sha256 identifying the MNIST split found under ``root``.
 
-    The hash covers the *decompressed* image file followed by the label file, so a
-    gzip-compressed copy and a plain copy of the same data hash alike.
+    The hash covers the image file followed by the label file, as read by
+    :func:`open_mnist`; checkpoint metadata records it.
 
     Args:
-        root: Data root (same lookup as :func:`load_mnist`).
+        root: Data root (same lookup as :func:`open_mnist`).
         train: Which split.
 
     Returns:
         The first 16 hex digits of the sha256.
     """
+    folder = Path(open_mnist(root, train).raw_folder)
+    prefix = "train" if train else "t10k"
     h = hashlib.sha256()
-    for path in _find_mnist_files(Path(root).expanduser(), train):
-        h.update(_read_maybe_gz(path))
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        h.update((folder / name).read_bytes())
     return h.hexdigest()[:16]
 
 
-def _download_bytes(url: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
-def download_mnist(root: str | os.PathLike[str], timeout: float = 10.0) -> Path:
-    """Download MNIST into ``root/MNIST/raw`` and verify it.
+def _download_mnist(root: Path) -> None:
+    """Download MNIST into ``root/MNIST/raw`` through torchvision (MD5-checked; a no-op when it is there)."""
+    from torchvision.datasets import MNIST
 
-    Each of the four ``.gz`` files is fetched from :data:`MNIST_URL`, decompressed,
-    checked against the published MD5 of the uncompressed file and written
-    atomically (temp file + ``os.replace``) as a plain IDX file. Files already
-    present with the right checksum are not fetched again.
+    try:
+        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+            MNIST(str(root), train=True, download=True)
+    except (RuntimeError, OSError) as exc:  # torchvision: RuntimeError after every mirror failed
+        raise MnistDownloadError(f"could not download MNIST into {root / 'MNIST' / 'raw'}: {_one_line(exc)}") from None
 
-    Args:
-        root: Data root; the files end up in ``root/MNIST/raw``.
-        timeout: Socket timeout in seconds for each request.
 
-    Returns:
-        The ``MNIST/raw`` directory.
+def _find_mnist(data_root: str | os.PathLike[str] | None, train: bool, allow_download: bool) -> tuple[Any, str]:
+    """``(torchvision MNIST, "")`` from the root or the cache, else ``(None, why not)``; a wrong root raises."""
+    root = resolve_data_root(data_root)
+    if root is not None:
+        return open_mnist(root, train), ""  # a wrong path is never silently replaced
+    cached = cache_dir()
+    with contextlib.suppress(MissingDataError):
+        return open_mnist(cached, train), ""
+    if not allow_download:
+        return None, "no data root given and download disabled"
+    try:
+        _download_mnist(cached)
+    except MnistDownloadError as exc:
+        return None, f"no data root given and download failed: {exc}"
+    return open_mnist(cached, train), ""
+
+
+def _unavailable(reason: str) -> MissingDataError:
+    return MissingDataError(
+        f"MNIST is not available ({reason}). Pass --data-root (data_root=...) or set {DATA_ENV_VAR} "
+        "to a folder containing MNIST/raw/."
+    )
+
+
+def locate_mnist(data_root: str | os.PathLike[str] | None = None, allow_download: bool = True) -> Path:
+    """The data root MNIST is read from.
+
+    The explicit root (argument or ``$COREUNITS_DATA``) if one is given: it must
+    hold MNIST. Otherwise the per-user cache (:func:`cache_dir`), where
+    torchvision downloads MNIST if it is not there yet and ``allow_download``.
 
     Raises:
-        MnistDownloadError: If a file cannot be fetched (e.g. no internet access)
-            or its checksum does not match.
+        MissingDataError: The explicit root holds no MNIST, or there is no root
+            and the cache neither holds MNIST nor could get it (the message says why).
     """
-    raw = Path(root).expanduser() / "MNIST" / "raw"
-    for name, md5 in MNIST_MD5.items():
-        target = raw / name
-        if target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5:
-            continue
-        url = f"{MNIST_URL}{name}.gz"
-        try:
-            compressed = _download_bytes(url, timeout)
-        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-            raise MnistDownloadError(
-                f"could not download {url}: {exc}. If this machine is offline, copy the "
-                f"MNIST IDX files into <data root>/MNIST/raw and pass --data-root or set "
-                f"{DATA_ENV_VAR}."
-            ) from exc
-        try:
-            data = gzip.decompress(compressed)
-        except (OSError, EOFError) as exc:
-            raise MnistDownloadError(f"{url} is not a valid gzip file: {exc}") from exc
-        digest = hashlib.md5(data).hexdigest()
-        if digest != md5:
-            raise MnistDownloadError(
-                f"checksum mismatch for {url}: MD5 {digest} of the decompressed file, "
-                f"expected {md5}"
-            )
-        atomic_write_bytes(target, data)
-    return raw
+    ds, reason = _find_mnist(data_root, False, allow_download)
+    if ds is None:
+        raise _unavailable(reason)
+    return resolve_data_root(data_root) or cache_dir()
 
 
 def _sample_resource() -> Any:
@@ -342,44 +341,9 @@ def load_mnist_sample() -> TensorDataset:
         [0, 1] and int64 labels.
     """
     with resources.as_file(_sample_resource()) as path, np.load(path, allow_pickle=False) as npz:
-        images = npz["images"]
-        labels = npz["labels"]
-    return _mnist_to_dataset(images, labels)
-
-
-def _locate_mnist(
-    data_root: str | os.PathLike[str] | None,
-    train: bool,
-    allow_download: bool,
-    cache: str | os.PathLike[str] | None = None,
-) -> tuple[Path | None, str]:
-    """Find a root holding the MNIST split, downloading it into the cache if allowed.
-
-    Returns:
-        ``(root, "")`` on success, or ``(None, reason)`` when no root was given and
-        the cache/download route failed.
-
-    Raises:
-        FileNotFoundError: If an explicit root (argument or environment variable) is
-            given but holds no MNIST; a wrong path should not be silently replaced.
-    """
-    root = resolve_data_root(data_root)
-    if root is not None:
-        _find_mnist_files(root, train)  # raises with a helpful message
-        return root, ""
-    cached = cache_dir(cache)
-    try:
-        _find_mnist_files(cached, train)
-        return cached, ""
-    except FileNotFoundError:
-        pass
-    if not allow_download:
-        return None, "no data root given and download disabled"
-    try:
-        download_mnist(cached)
-    except MnistDownloadError as exc:
-        return None, f"no data root given and download failed: {exc}"
-    return cached, ""
+        images = torch.from_numpy(npz["images"])
+        labels = torch.from_numpy(npz["labels"])
+    return _mnist_dataset(images, labels)
 
 
 def get_mnist(
@@ -391,8 +355,8 @@ def get_mnist(
     """Get MNIST from the best available source.
 
     Order: explicit ``data_root`` or ``$COREUNITS_DATA`` -> a copy in the cache
-    directory (see :func:`cache_dir`), downloaded there if ``allow_download`` ->
-    the embedded 2000-digit test sample if ``allow_sample``.
+    directory (see :func:`cache_dir`), downloaded there by torchvision if
+    ``allow_download`` -> the embedded 2000-digit test sample if ``allow_sample``.
 
     Args:
         data_root: Data root, or None to use the environment variable / fallbacks.
@@ -402,22 +366,17 @@ def get_mnist(
 
     Returns:
         ``(dataset, description)``, where the description is human-readable, e.g.
-        ``"MNIST train (60000) from /data"``.
+        ``"MNIST train (60000) from /data/MNIST/raw"``.
 
     Raises:
-        FileNotFoundError: If an explicit root holds no MNIST, or if nothing is
+        MissingDataError: An explicit root holds no MNIST, or nothing is
             available and ``allow_sample`` is False.
     """
-    root, reason = _locate_mnist(data_root, train, allow_download)
-    if root is not None:
-        dataset = load_mnist(root, train)
-        images_path, _ = _find_mnist_files(root, train)
-        return dataset, f"MNIST {_split(train)} ({len(dataset)}) from {images_path.parent}"
+    ds, reason = _find_mnist(data_root, train, allow_download)
+    if ds is not None:
+        return _mnist_dataset(ds.data, ds.targets), f"MNIST {_split(train)} ({len(ds)}) from {ds.raw_folder}"
     if not allow_sample:
-        raise MissingDataError(
-            f"MNIST is not available ({reason}). Pass --data-root (data_root=...) or set "
-            f"{DATA_ENV_VAR} to a folder containing MNIST/raw/."
-        )
+        raise _unavailable(reason)
     dataset = load_mnist_sample()
     return dataset, f"embedded sample of {len(dataset)} MNIST test digits ({reason})"
 
@@ -427,128 +386,84 @@ def get_mnist(
 # ---------------------------------------------------------------------------
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays, lists, dicts and scalars.
+def _cifar_batches(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official python batches under ``root/cifar-10-batches-py``, through torchvision."""
+    from torchvision.datasets import CIFAR10
 
-    The official CIFAR-10 python batches are pickles, and unpickling runs arbitrary
-    code; restricting the globals makes a tampered file fail instead of executing.
-    """
-
-    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+    try:
+        ds = CIFAR10(str(root), train=train, download=False)
+    except RuntimeError as exc:
+        raise MissingDataError(
+            f"{root / 'cifar-10-batches-py'}: {_one_line(exc).split('.')[0]}; it needs the five data_batch_* files, "
+            "test_batch and batches.meta exactly as in cifar-10-python.tar.gz (torchvision checks their MD5)"
+        ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+    return images, torch.tensor(ds.targets, dtype=torch.int64)
 
 
-def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with path.open("rb") as f:
-        # encoding="bytes" is required for the official batches (pickled by Python 2).
-        batch = _CifarUnpickler(f, encoding="bytes").load()
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
-    return data, labels
+def _image_folder(folder: Path) -> Any:
+    """torchvision's ImageFolder over a CIFAR-10 tree, items ``(uint8 (3, H, W) tensor, label)``."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    try:
+        ds = ImageFolder(str(folder), transform=pil_to_tensor)
+    except FileNotFoundError as exc:
+        raise MissingDataError(f"{folder}: {_one_line(exc)}; it needs one folder per CIFAR-10 class") from None
+    if tuple(ds.classes) != CIFAR10_CLASSES:
+        raise DataError(f"{folder}: expected the class folders {list(CIFAR10_CLASSES)}, found {ds.classes}")
+    return ds
 
 
-def _find_cifar_pickles(root: Path) -> Path | None:
-    for directory in (root / "cifar-10-batches-py", root):
-        if (directory / "data_batch_1").is_file() and (directory / "test_batch").is_file():
-            return directory
-    return None
+def _balanced(targets: Sequence[int], limit: int | None) -> list[int]:
+    """All indices, or the first ``ceil(limit / 10)`` of each class (class order) cut to ``limit``."""
+    if limit is None:
+        return list(range(len(targets)))
+    per_class = -(-limit // len(CIFAR10_CLASSES))
+    taken: list[int] = []
+    for c in range(len(CIFAR10_CLASSES)):
+        taken.extend([i for i, t in enumerate(targets) if t == c][:per_class])
+    return taken[:limit]
 
 
-def _find_cifar_folder(root: Path, split: str) -> Path | None:
-    for directory in (root / "cifar10-jpeg" / split, root / split):
-        if directory.is_dir():
-            return directory
-    return None
+def _decode(ds: Any, indices: Sequence[int], progress: bool, desc: str) -> torch.Tensor:
+    """Decode ``ds[i]`` for each index (ImageFolder: Pillow, RGB) into one uint8 (N, 3, 32, 32) tensor."""
+    out = torch.empty((len(indices), 3, 32, 32), dtype=torch.uint8)
+    for k, i in enumerate(progress_bar(indices, enabled=progress, desc=desc, unit="img")):
+        image, _ = ds[i]
+        if tuple(image.shape) != (3, 32, 32):
+            raise DataError(f"{ds.samples[i][0]}: expected a 32x32 RGB image, got shape {tuple(image.shape)}")
+        out[k] = image
+    return out
 
 
-def _list_image_folder(folder: Path, limit: int | None) -> tuple[list[Path], np.ndarray]:
-    """List images of an ImageFolder tree in (class, file name) order."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if tuple(classes) != CIFAR10_CLASSES:
-        raise ValueError(
-            f"{folder}: expected class folders {list(CIFAR10_CLASSES)}, found {classes}"
-        )
-    per_class = None if limit is None else -(-limit // len(classes))  # ceil
-    files: list[Path] = []
-    labels: list[int] = []
-    for index, name in enumerate(classes):
-        class_files = sorted(
-            p for p in (folder / name).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
-        )
-        if per_class is not None:
-            class_files = class_files[:per_class]
-        files.extend(class_files)
-        labels.extend([index] * len(class_files))
-    if limit is not None:
-        files, labels = files[:limit], labels[:limit]
-    return files, np.asarray(labels, dtype=np.int64)
-
-
-def _file_list_checksum(folder: Path, files: Sequence[Path]) -> str:
+def _tree_key(folder: Path, files: Sequence[str]) -> str:
     # Relative names and sizes identify the tree cheaply; hashing 60000 files'
     # contents would cost nearly as much as decoding them.
     h = hashlib.sha256()
-    for path in files:
+    for name in files:
+        path = Path(name)
         h.update(f"{path.relative_to(folder).as_posix()}\t{path.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _decode_images(files: Sequence[Path], progress: bool, desc: str) -> np.ndarray:
-    from PIL import Image  # optional dependency, only needed for the JPEG layout
-
-    out = np.empty((len(files), 3, 32, 32), dtype=np.uint8)
-    iterator: Iterable[tuple[int, Path]] = progress_bar(enumerate(files), enabled=progress, total=len(files),
-                                                        desc=desc, unit="img")
-    for i, path in iterator:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
-        if array.shape != (32, 32, 3):
-            raise ValueError(f"{path}: expected a 32x32 RGB image, got shape {array.shape}")
-        out[i] = array.transpose(2, 0, 1)
-    return out
-
-
-def _load_cifar_folder(
+def _cifar_jpeg(
     folder: Path, split: str, cache: Path, limit: int | None, progress: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    files, labels = _list_image_folder(folder, limit)
-    if not files:
-        raise MissingDataError(f"{folder}: no images found")
-    checksum = _file_list_checksum(folder, files)
-    stem = f"cifar10-{split}-{len(files)}-{checksum}"
-    images_npy = cache / f"{stem}-images.npy"
-    labels_npy = cache / f"{stem}-labels.npy"
-    meta_json = cache / f"{stem}.json"
-    # The JSON is written last, so its presence (with a matching checksum) means
-    # both arrays were completely written.
-    if meta_json.is_file():
-        try:
-            meta = json.loads(meta_json.read_text())
-            if meta.get("checksum") == checksum:
-                images = np.load(images_npy, allow_pickle=False)
-                cached_labels = np.load(labels_npy, allow_pickle=False)
-                if images.shape == (len(files), 3, 32, 32) and np.array_equal(
-                    cached_labels, labels
-                ):
-                    return images, cached_labels
-        except (OSError, ValueError):
-            pass  # corrupt or partial cache: decode again
-    images = _decode_images(files, progress, desc=f"decoding CIFAR-10 {split}")
-    atomic_write(images_npy, lambda f: np.save(f, images, allow_pickle=False))
-    atomic_write(labels_npy, lambda f: np.save(f, labels, allow_pickle=False))
-    meta = {"checksum": checksum, "source": str(folder), "count": len(files), "split": split}
-    atomic_write_bytes(meta_json, json.dumps(meta, indent=2).encode())
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CIFAR-10 JPEG tree through ImageFolder, decoded once and then read from ``cache``."""
+    ds = _image_folder(folder)
+    indices = _balanced(ds.targets, limit)
+    labels = torch.tensor([ds.targets[i] for i in indices], dtype=torch.int64)
+    path = cache / f"cifar10-{split}-{len(indices)}-{_tree_key(folder, [ds.samples[i][0] for i in indices])}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images = torch.from_numpy(npz["images"])
+            if tuple(images.shape) == (len(indices), 3, 32, 32) and np.array_equal(npz["labels"], labels.numpy()):
+                return images, labels
+    except (OSError, ValueError, KeyError):
+        pass  # no cache yet, or an unreadable one: decode again
+    images = _decode(ds, indices, progress, desc=f"decoding CIFAR-10 {split}")
+    atomic_write(path, lambda f: np.savez(f, images=images.numpy(), labels=labels.numpy()))
     return images, labels
 
 
@@ -559,15 +474,15 @@ def load_cifar10(
     limit: int | None = None,
     progress: bool = True,
 ) -> TensorDataset:
-    """Load one CIFAR-10 split as uint8 images.
+    """Load one CIFAR-10 split as uint8 images (never downloaded).
 
     Two layouts are accepted:
 
-    * the official python batches, ``root/cifar-10-batches-py/{data_batch_1..5,
-      test_batch}`` (or those files directly in ``root``);
-    * an ImageFolder tree ``root/cifar10-jpeg/{train,test}/<class>/*.jpg`` or
-      ``root/{train,test}/<class>/*.jpg``. The images are decoded once with Pillow
-      and cached as ``.npy`` files in ``cache`` keyed by a checksum of the file
+    * the official python batches, ``root/cifar-10-batches-py/`` (read by
+      ``torchvision.datasets.CIFAR10``, which checks their MD5 first);
+    * a tree ``root/cifar10-jpeg/{train,test}/<class>/*.jpg`` or
+      ``root/{train,test}/<class>/*.jpg`` (read by ``torchvision.datasets.ImageFolder``).
+      It is decoded once and kept as a ``.npz`` in ``cache``, keyed by the file
       names and sizes, so later loads take a fraction of a second.
 
     Args:
@@ -575,45 +490,34 @@ def load_cifar10(
         train: Load the 50000-image training split if True, else the 10000-image
             test split.
         cache: Cache directory for decoded arrays; default :func:`cache_dir`.
-        limit: Keep at most this many images (for quick tests). For the ImageFolder
-            layout the first ``ceil(limit / 10)`` files of each class are taken, so
-            the subset stays balanced; for the pickles it is the first ``limit``.
-        progress: Show a tqdm progress bar while decoding JPEGs.
+        limit: Keep at most this many images (for quick tests). For the JPEG
+            tree the first ``ceil(limit / 10)`` files of each class are taken, so
+            the subset stays balanced; for the batches it is the first ``limit``.
+        progress: Show a progress bar while decoding JPEGs.
 
     Returns:
         A dataset of uint8 images of shape (N, 3, 32, 32) and int64 labels (N,),
         with labels indexing :data:`CIFAR10_CLASSES`.
 
     Raises:
-        FileNotFoundError: If neither layout is found under ``root``.
-        ValueError: If the files are malformed.
+        MissingDataError: Neither layout is found under ``root`` (a ``FileNotFoundError``).
+        DataError: The files are not CIFAR-10.
     """
     root_path = Path(root).expanduser()
     split = _split(train)
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be positive, got {limit}")
-    pickles = _find_cifar_pickles(root_path)
-    if pickles is not None:
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        parts = [_load_cifar_batch(pickles / name) for name in names]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
+        raise OptionError(f"limit must be positive, got {limit}")
+    if (root_path / "cifar-10-batches-py").is_dir():
+        images, labels = _cifar_batches(root_path, train)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-    else:
-        folder = _find_cifar_folder(root_path, split)
-        if folder is None:
-            looked = [
-                root_path / "cifar-10-batches-py",
-                root_path / "cifar10-jpeg" / split,
-                root_path / split,
-            ]
-            listing = "\n".join(f"  - {d}" for d in looked)
-            raise MissingDataError(
-                f"CIFAR-10 {split} data not found. Looked for:\n{listing}\n"
-                f"Fix: pass --data-root (data_root=...) or set {DATA_ENV_VAR} to a folder "
-                f"containing cifar-10-batches-py/ or cifar10-jpeg/{{train,test}}/<class>/."
-            )
-        images, labels = _load_cifar_folder(folder, split, cache_dir(cache), limit, progress)
-    return TensorDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
-
+        return TensorDataset(images, labels)
+    folders = [root_path / "cifar10-jpeg" / split, root_path / split]
+    folder = next((f for f in folders if f.is_dir()), None)
+    if folder is None:
+        raise MissingDataError(
+            f"CIFAR-10 {split} data not found (looked for {root_path / 'cifar-10-batches-py'}, "
+            f"{', '.join(str(f) for f in folders)}). Pass --data-root (data_root=...) or set {DATA_ENV_VAR} to a "
+            "folder containing cifar-10-batches-py/ or cifar10-jpeg/{train,test}/<class>/."
+        )
+    return TensorDataset(*_cifar_jpeg(folder, split, cache_dir(cache), limit, progress))

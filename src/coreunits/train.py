@@ -30,9 +30,9 @@ from ._core.io import atomic_write, model_device
 from ._core.progress import progress_bar
 from .data import (
     DATA_ENV_VAR,
-    _locate_mnist,
     load_cifar10,
     load_mnist,
+    locate_mnist,
     mnist_checksum,
     resolve_data_root,
 )
@@ -460,14 +460,10 @@ def train_mnist(
         The metadata dictionary that was written to the JSON file.
 
     Raises:
-        FileNotFoundError: If MNIST is neither under the data root nor downloadable.
+        MissingDataError: If MNIST is neither under the data root nor downloadable
+            (a ``FileNotFoundError``).
     """
-    root, reason = _locate_mnist(data_root, train=True, allow_download=True)
-    if root is None:
-        raise FileNotFoundError(
-            f"MNIST training data not available ({reason}). Pass data_root or set "
-            f"{DATA_ENV_VAR}."
-        )
+    root = locate_mnist(data_root, allow_download=True)
     train_ds = load_mnist(root, train=True)
     test_ds = load_mnist(root, train=False)
     dev = _resolve_device(device)
