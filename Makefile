@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # Override (e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1") for another pair.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean arch-table
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: lint
 
 test-fast: PYTEST_ARGS = -m "not slow"
 test-fast: test
+
+# README's table of the architectures tested: runs tests/test_real_architectures.py (slow cases
+# included, a few minutes on 2 cores), keeps its rows in results/architectures.jsonl and rewrites the
+# block between README's <!-- architectures:start/end --> markers (prints the table when they are missing).
+arch-table: $(VENV)/.installed
+	$(PY) scripts/architecture_table.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -1,11 +1,12 @@
-"""Small but structurally faithful models, built by hand with plain ``torch.nn``.
+"""Small but structurally faithful models, built by hand with plain ``torch.nn``, and test data.
 
-torchvision is not a dependency, so ``resnet18`` copies torchvision's ResNet-18
-(module names, in-place ReLUs, ``out += identity``, ``downsample`` branches,
-initialisation) line for line. The others cover the shapes coreunits must
-handle on real models: an integer-indexed VGG ``features`` Sequential, a
-tabular MLP, dict and tuple outputs, and a forward with data-dependent Python
-control flow that ``torch.fx`` cannot trace.
+ResNet-18 is torchvision's own (``narrowed`` shrinks a real torchvision model's
+widths for speed, keeping its classes and forward code). The models here cover
+the shapes coreunits must handle on real models: an integer-indexed VGG
+``features`` Sequential, MobileNetV2 blocks, a tabular MLP, dict and tuple
+outputs, and a forward with data-dependent Python control flow that
+``torch.fx`` cannot trace. ``tests/test_real_architectures.py`` runs
+unmodified torchvision and timm models.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "BasicBlock",
     "BranchyHead",
     "ControlFlowNet",
     "DictOutputNet",
     "InvertedResidual",
     "LeafControlFlowNet",
-    "ResNet",
     "TupleOutputNet",
     "image_data",
     "mobilenet_v2_small",
-    "resnet18",
+    "narrowed",
     "spread_classes",
     "tabular_data",
     "tabular_mlp",
@@ -32,113 +31,46 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- ResNet-18
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding (torchvision's ``conv3x3``)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+# --------------------------------------------------------------------------- narrowing
+def narrowed(model: nn.Module, factor: int, in_channels: int = 3) -> nn.Module:
+    """``model`` with every hidden channel and feature count divided by ``factor``, in place.
 
+    Each ``Conv2d``, ``BatchNorm2d`` and ``Linear`` is replaced by a fresh one of
+    the same name, kernel, stride, padding and bias, ``factor`` times narrower;
+    the input's ``in_channels`` and the last Linear's classes stay. The model's
+    own classes and forward code (torchvision's in-place ReLUs, shared ReLU
+    modules, ``out += identity``) are untouched: only the tensors shrink, so a
+    test runs in a fraction of the time on the real architecture. Convolutions
+    are initialised as torchvision's ResNet does (Kaiming normal, fan-out),
+    BatchNorm to weight 1 and bias 0, Linear by its default.
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution (torchvision's ``conv1x1``)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+    def narrow(size: int, keep: bool = False) -> int:
+        if keep:
+            return size
+        if size % factor:
+            raise ValueError(f"{size} channels do not divide by {factor}")
+        return size // factor
 
-
-class BasicBlock(nn.Module):
-    """torchvision's ``BasicBlock``: one ReLU module used twice, in-place residual add."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-
-        out = self.conv2(out)
-        out = self.bn2(out)
-
-        if self.downsample is not None:
-            identity = self.downsample(x)
-
-        out += identity
-        out = self.relu(out)
-
-        return out
-
-
-class ResNet(nn.Module):
-    """torchvision's ``ResNet`` (BasicBlock variant), same names and initialisation."""
-
-    def __init__(self, layers: list[int], num_classes: int = 1000, width: int = 64) -> None:
-        super().__init__()
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(width, layers[0])
-        self.layer2 = self._make_layer(2 * width, layers[1], stride=2)
-        self.layer3 = self._make_layer(4 * width, layers[2], stride=2)
-        self.layer4 = self._make_layer(8 * width, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * BasicBlock.expansion, stride),
-                nn.BatchNorm2d(planes * BasicBlock.expansion),
-            )
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * BasicBlock.expansion
-        for _ in range(1, blocks):
-            layers.append(BasicBlock(self.inplanes, planes))
-        return nn.Sequential(*layers)
-
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.relu(x)
-        x = self.maxpool(x)
-
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = self.fc(x)
-
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward_impl(x)
-
-
-def resnet18(num_classes: int = 10, width: int = 64, seed: int = 0) -> ResNet:
-    """ResNet-18 exactly as torchvision builds it (random init, seeded)."""
-    torch.manual_seed(seed)
-    return ResNet([2, 2, 2, 2], num_classes=num_classes, width=width)
+    for name, m in list(model.named_modules()):
+        new: nn.Module
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1:
+                raise ValueError(f"{name} is a grouped convolution; narrowed() handles groups=1 only")
+            new = nn.Conv2d(narrow(m.in_channels, m.in_channels == in_channels), narrow(m.out_channels),
+                            m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                            bias=m.bias is not None)
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(narrow(m.num_features))
+        elif isinstance(m, nn.Linear):
+            new = nn.Linear(narrow(m.in_features), narrow(m.out_features, name == linears[-1]),
+                            bias=m.bias is not None)
+        else:
+            continue
+        model.set_submodule(name, new)
+    return model
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-__all__ = ["REPO", "SHARED_DATA", "assert_same_state", "model_state", "shared_data_or_skip"]
+from coreunits import mask_units
+
+__all__ = [
+    "REPO",
+    "SHARED_DATA",
+    "Snapshot",
+    "assert_same_state",
+    "assert_untouched",
+    "direct_strict_rate",
+    "model_state",
+    "predicted",
+    "shared_data_or_skip",
+    "snapshot",
+    "state_bytes",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -40,6 +56,58 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
     for k, g in before["grads"].items():
         h = after["grads"][k]
         assert (g is None and h is None) or (g is not None and h is not None and torch.equal(g, h)), f"grad {k}"
+
+
+Snapshot = tuple[dict[str, Any], bytes, dict[str, torch.dtype]]
+
+
+def state_bytes(model: nn.Module) -> bytes:
+    """The serialised state dict: equal bytes = parameters and buffers bit-identical."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """:func:`model_state`, the serialised state dict and its dtypes, for :func:`assert_untouched`."""
+    return model_state(model), state_bytes(model), {k: v.dtype for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, snap: Snapshot) -> None:
+    """The model is as :func:`snapshot` saw it: values, dtypes, modes, hooks, grads, bytes."""
+    before, raw, dtypes = snap
+    assert_same_state(before, model_state(model))
+    assert {k: v.dtype for k, v in model.state_dict().items()} == dtypes
+    assert state_bytes(model) == raw, "serialised state dict changed"
+
+
+def predicted(model: nn.Module, x: torch.Tensor, output_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The model's eval-mode class decisions on ``x`` (its training flag is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was)
+    return (output_fn(out) if output_fn else out).argmax(1)
+
+
+def direct_strict_rate(
+    model: nn.Module, masks: dict[str, torch.Tensor], c: int, x: torch.Tensor,
+    unit_dim: int | Sequence[int] | None = None,
+) -> float:
+    """Strict holding rate on all of ``x``, computed by masking the real modules with hooks."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            orig = model(x).argmax(1) == c
+            with mask_units(model, masks, unit_dim=unit_dim):
+                new = model(x).argmax(1) == c
+    finally:
+        model.train(was)
+    return float((orig == new).float().mean())
 
 
 def shared_data_or_skip() -> Path:

@@ -1,8 +1,9 @@
 """Works on real models, never harms them.
 
-find_core_units on hand-built copies of real architectures (ResNet-18 with its
-in-place residual additions and shared ReLUs, a VGG ``features`` Sequential, a
-tabular MLP, dict/tuple outputs, untraceable control flow, half precision):
+find_core_units on torchvision's ResNet-18 (narrowed to width 16 for speed, and
+at full width: in-place residual additions, shared ReLUs) and on hand-built
+models with the shapes of real ones (a VGG ``features`` Sequential, MobileNetV2
+blocks, a tabular MLP, dict/tuple outputs, untraceable control flow, half precision):
 the result is well formed, the reported holding rate is what its hard mask
 really gives, both engines agree, and the model is left byte for byte as it was.
 """
@@ -10,12 +11,12 @@ really gives, both engines agree, and the model is left byte for byte as it was.
 from __future__ import annotations
 
 import copy
-import io
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+import torchvision
 from archs import (
     ControlFlowNet,
     DictOutputNet,
@@ -23,13 +24,13 @@ from archs import (
     TupleOutputNet,
     image_data,
     mobilenet_v2_small,
-    resnet18,
+    narrowed,
     spread_classes,
     tabular_data,
     tabular_mlp,
     vgg_small,
 )
-from helpers import assert_same_state, model_state
+from helpers import assert_untouched, direct_strict_rate, predicted, snapshot
 from torch import nn
 
 from coreunits import (
@@ -47,38 +48,7 @@ from coreunits import (
 FAST: dict[str, Any] = {"epochs": 1, "min_steps": 30, "lr": 0.3, "alpha": 0.01, "progress": False}
 
 
-
-
 # --------------------------------------------------------------------------- helpers
-def state_bytes(model: nn.Module) -> bytes:
-    """The serialised state dict: equal bytes = parameters and buffers bit-identical."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getvalue()
-
-
-def snapshot(model: nn.Module) -> tuple[dict[str, Any], bytes, dict[str, torch.dtype]]:
-    return model_state(model), state_bytes(model), {k: v.dtype for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model: nn.Module, snap: tuple[dict[str, Any], bytes, dict[str, torch.dtype]]) -> None:
-    before, raw, dtypes = snap
-    assert_same_state(before, model_state(model))
-    assert {k: v.dtype for k, v in model.state_dict().items()} == dtypes
-    assert state_bytes(model) == raw, "serialised state dict changed"
-
-
-def predicted(model: nn.Module, x: torch.Tensor, output_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        model.train(was)
-    return (output_fn(out) if output_fn else out).argmax(1)
-
-
 def check_result(r: CoreUnits, layer: str, total: int, unit_shape: tuple[int, ...] | None = None) -> None:
     """Units sorted, unique, in range; masks and gates consistent with them."""
     units = r.units[layer]
@@ -107,24 +77,19 @@ def check_holding(
     assert paper == r.holding_rate
 
 
-def direct_strict_rate(model: nn.Module, masks: dict[str, torch.Tensor], c: int, x: torch.Tensor) -> float:
-    """Strict holding rate on all of ``x``, computed by masking the real modules with hooks."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            orig = model(x).argmax(1) == c
-            with mask_units(model, masks):
-                new = model(x).argmax(1) == c
-    finally:
-        model.train(was)
-    return float((orig == new).float().mean())
-
-
 # --------------------------------------------------------------------------- ResNet-18
+def resnet18(num_classes: int = 10, width: int = 64, seed: int = 0) -> torchvision.models.ResNet:
+    """torchvision's ResNet-18 (random init, seeded); ``width`` < 64 narrows every stage by 64 / width."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    if width != 64:
+        narrowed(model, 64 // width)
+    return model
+
+
 @pytest.fixture(scope="module")
 def resnet_base() -> tuple[nn.Module, torch.Tensor, int]:
-    """A narrow (width 16) but otherwise exact ResNet-18, 256 random 3x32x32 images, a class."""
+    """torchvision's ResNet-18 narrowed to width 16, 256 random 3x32x32 images, a class."""
     model = resnet18(num_classes=10, width=16, seed=0)
     x = image_data(256, seed=1)
     spread_classes(model, x, model.fc)
@@ -139,20 +104,24 @@ def resnet(resnet_base) -> tuple[nn.Module, torch.Tensor, int]:
     return copy.deepcopy(model), x, c
 
 
-def test_resnet18_copy_is_faithful_to_torchvision() -> None:
-    model = resnet18(num_classes=10)
-    # torchvision's resnet18(num_classes=10): 11,689,512 - 512*1000 - 1000 + 512*10 + 10 parameters.
-    assert sum(p.numel() for p in model.parameters()) == 11_181_642
-    assert len(model.state_dict()) == 122
-    names = dict(model.named_modules())
-    for n in ("conv1", "bn1", "relu", "maxpool", "avgpool", "fc", "layer1.0.conv1", "layer1.1.bn2",
-              "layer2.0.downsample.0", "layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.1.conv2"):
-        assert n in names, n
-    assert "layer1.0.downsample.0" not in names and "layer2.1.downsample.0" not in names
-    assert names["relu"].inplace and names["layer3.0.relu"].inplace
-    assert tuple(model.layer2[0].conv1.weight.shape) == (128, 64, 3, 3)
-    assert model.fc.in_features == 512
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+def test_narrowed_resnet18_is_torchvisions_with_narrower_tensors() -> None:
+    full, slim = resnet18(num_classes=10), resnet18(num_classes=10, width=16)
+    assert type(slim) is torchvision.models.ResNet
+    assert type(slim.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert [n for n, _ in slim.named_modules()] == [n for n, _ in full.named_modules()]
+    assert [type(m) for m in slim.modules()] == [type(m) for m in full.modules()]
+    assert list(slim.state_dict()) == list(full.state_dict())
+    for (name, a), b in zip(full.state_dict().items(), slim.state_dict().values()):
+        # Every channel count shrinks by 4 but the input's 3 and the 10 classes; kernels stay.
+        narrow = {0, 1} if a.dim() >= 2 else {0} if a.dim() == 1 else set()
+        if name == "conv1.weight":
+            narrow = {0}
+        elif name.startswith("fc."):
+            narrow = {1} if a.dim() == 2 else set()
+        assert list(b.shape) == [d // 4 if i in narrow else d for i, d in enumerate(a.shape)], name
+    assert slim.relu.inplace and slim.layer3[0].relu.inplace
+    assert "layer2.0.downsample.1" in dict(slim.named_modules())
+    assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 # Slow: 81-181 s per case for layer2.1 and layer1.0.bn2 on 2 busy cores.
@@ -448,6 +417,92 @@ def test_control_flow_off_the_gated_path_still_uses_fx() -> None:
     hk = find_core_units(model, "fc1", c, x, seed=0, engine="hooks", **FAST)
     assert hk.units == r.units and hk.holding_rate_strict == r.holding_rate_strict
     assert_untouched(model, snap)
+
+
+class OptionalArgsNet(nn.Module):
+    """A forward with optional arguments it branches on, as timm's ViT (``attn_mask=None, is_causal=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(12, 16)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, double: bool = False) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if mask is not None:
+            h = h * mask
+        if double:
+            h = h * 2.0
+        return self.fc2(h)
+
+
+class LayerScaleNet(nn.Module):
+    """A parameter reshaped after the gated layer, as timm's ConvNeXt block (``gamma.reshape(1, -1, 1, 1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(12, 16)
+        self.act = nn.ReLU()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)).mul(self.gamma.reshape(1, -1)))
+
+
+@pytest.mark.parametrize("net_cls", [OptionalArgsNet, LayerScaleNet], ids=["optional-args", "layer-scale"])
+def test_fx_splits_models_with_optional_args_and_parameter_constants(net_cls: type[nn.Module]) -> None:
+    # Found on timm: the ViT's optional forward arguments and ConvNeXt's reshaped gamma made
+    # the fx split fail ("exactly one input", "not a per-example tensor"), so hooks ran.
+    model = net_cls()
+    x = tabular_data(300, 12, seed=5)
+    spread_classes(model, x, model.fc2)
+    c = int(torch.bincount(predicted(model, x)).argmax())
+    snap = snapshot(model)
+    r = find_core_units(model, "fc1", c, x, seed=0, **FAST)
+    assert r.settings["engine"] == "fx" and r.settings["prefix_cached"]
+    assert "engine" not in r.settings["fallbacks"]
+    check_result(r, "fc1", 16)
+    check_holding(model, r, c, x)
+    hk = find_core_units(model, "fc1", c, x, seed=0, engine="hooks", **FAST)
+    assert hk.units == r.units and hk.holding_rate_strict == r.holding_rate_strict
+    assert holding_rate(model, r.masks, c, x) == direct_strict_rate(model, r.masks, c, x)
+    assert_untouched(model, snap)
+
+
+class TokenNet(nn.Module):
+    """Tokens ``(N, 6, 8)`` -> a per-token Linear + GELU ``(N, 6, 16)`` -> mean over tokens -> 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc1(x)).mean(dim=1))
+
+
+def test_unit_dim_masks_are_judged_and_applied_with_the_same_unit_dim() -> None:
+    # Found on timm's ViT: a selection over the features (unit_dim=2) of an (N, tokens, dim)
+    # output gave masks that holding_rate and mask_units could only read as tokens.
+    model = TokenNet()
+    x = torch.randn(300, 6, 8, generator=torch.Generator().manual_seed(3))
+    spread_classes(model, x, model.head)
+    c = int(torch.bincount(predicted(model, x)).argmax())
+    r = find_core_units(model, "act", c, x, seed=0, unit_dim=2, **FAST)
+    check_result(r, "act", 16)
+    strict = holding_rate(model, r.masks, c, x, build_dprime_first=True, seed=0, unit_dim=2)
+    assert strict == r.holding_rate_strict
+    assert holding_rate(model, r.masks, c, x, unit_dim=2) == direct_strict_rate(model, r.masks, c, x, unit_dim=2)
+    with pytest.raises(CoreUnitsError, match="16 entries but the layer has 6 units"):
+        holding_rate(model, r.masks, c, x)
+    with pytest.raises(CoreUnitsError, match="16 entries but the layer has 6 units"), mask_units(model, r.masks):
+        model(x[:2])
 
 
 # --------------------------------------------------------------------------- precision and devices

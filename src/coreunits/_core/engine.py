@@ -13,6 +13,7 @@ the whole model run per step; both paths compute the same numbers.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -82,6 +83,32 @@ class _LeafTracer(fx.Tracer):
         return not (name == "" or any(g.startswith(name + ".") for g in self.gated))
 
 
+def trace_gated(model: nn.Module, gated: set[str]) -> fx.Graph:
+    """The graph of ``model(x)`` as coreunits calls it: traced to the gated layers, other arguments at their defaults.
+
+    A forward's optional arguments (timm's ``attn_mask=None, is_causal=False``) are
+    specialised to their defaults, so Python branches on them take the path a
+    one-argument call takes; they remain placeholders with defaults in the graph.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    defaults = {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return _LeafTracer(gated).trace(model, concrete_args=defaults or None)
+
+
+def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from the input (the first placeholder); the rest are constants of the model.
+
+    A constant (a parameter reshaped, as timm's ConvNeXt does with ``gamma``, or an
+    optional argument at its default) is not per-example: the suffix recomputes it.
+    """
+    dep: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and not dep and not node.args) or any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
 def _gate_call(
     x: torch.Tensor, gate: torch.Tensor | None, unit_dims: tuple[int, ...], unit_shape: tuple[int, ...]
 ) -> torch.Tensor:
@@ -109,11 +136,12 @@ def _frontier(graph: fx.Graph, gated: dict[fx.Node, int]) -> tuple[set[fx.Node],
         if node in gated or any(a in desc for a in node.all_input_nodes):
             desc.add(node)
     roots = [g for g in gated if not any(a in desc for a in g.all_input_nodes)]
+    dep = _input_dependent(graph)
     frontier: list[fx.Node] = []
     for node in graph.nodes:
         if node in desc and node.op != "output" and node not in roots:
             for a in node.all_input_nodes:
-                if a not in desc and a.op != "get_attr" and a not in frontier:
+                if a not in desc and a in dep and a not in frontier:
                     frontier.append(a)
         if node.op == "output":
             for a in node.all_input_nodes:
@@ -254,7 +282,7 @@ class GatedModel:
 
     def _build_fx(self, x: torch.Tensor) -> None:
         """Split the traced model at the gated layers: frontier, prefix, suffix, then verify on ``x``."""
-        graph = _LeafTracer({s.name for s in self.specs if s.name != INPUT}).trace(self.model)
+        graph = trace_gated(self.model, {s.name for s in self.specs if s.name != INPUT})
         gated = self._gated_nodes(graph)
         desc, roots, frontier = _frontier(graph, gated)
         prefix_gm = _prefix_module(self.model, graph, frontier)
@@ -269,9 +297,12 @@ class GatedModel:
 
     def _gated_nodes(self, graph: fx.Graph) -> dict[fx.Node, int]:
         """The graph node of each gated layer -> its index in ``specs`` (each must appear exactly once)."""
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise RuntimeError("fx split needs a forward() with exactly one input")
+        # The input, then any optional arguments (placeholders holding their defaults).
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"][:1]
+        if not placeholders or placeholders[0].args or any(
+            n.op == "placeholder" and not n.args for n in graph.nodes if n is not placeholders[0]
+        ):
+            raise RuntimeError("fx split needs a forward() with exactly one required input")
         gated: dict[fx.Node, int] = {}
         for i, spec in enumerate(self.specs):
             if spec.name == INPUT:
@@ -289,15 +320,18 @@ class GatedModel:
         suf = fx.Graph()
         front_in = {f: suf.placeholder(f"frontier_{k}") for k, f in enumerate(frontier)}
         gate_in = [suf.placeholder(f"gate_{i}") for i in range(len(self.specs))]
-        env: dict[fx.Node, fx.Node] = dict(front_in)
+        env: dict[fx.Node, Any] = dict(front_in)
 
         def gate(value: fx.Node, node: fx.Node) -> fx.Node:
             return suf.call_function(_gate_call, (value, gate_in[gated[node]], *self._layout(gated[node])))
 
+        dep = _input_dependent(graph)
         for node in graph.nodes:
             if node in roots:  # a gated layer computed before every gate: its cached output, gated
                 env[node] = gate(front_in[node], node)
-            elif node.op == "get_attr":
+            elif node.op == "placeholder" and node not in dep:  # an optional argument: its default
+                env[node] = node.args[0]
+            elif node not in dep and node.op != "output":  # a constant of the model, recomputed
                 env[node] = suf.node_copy(node, lambda n: env[n])
             elif node in desc and node.op != "placeholder":
                 copied = suf.node_copy(node, lambda n: env[n])

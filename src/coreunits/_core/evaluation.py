@@ -174,6 +174,7 @@ def holding_rate(
     batch_size: int = 256,
     output_fn: OutputFn | None = None,
     device: str | torch.device | None = None,
+    unit_dim: int | Sequence[int] | None = None,
 ) -> float:
     """Share of inputs whose binary decision for ``target_class`` a hard mask leaves unchanged.
 
@@ -193,6 +194,9 @@ def holding_rate(
         batch_size: evaluation batch size.
         output_fn: maps the model's output to ``(N, H)`` scores.
         device: where to compute (defaults to the model's device).
+        unit_dim: output dim(s) one mask entry covers, as given to :func:`find_core_units`
+            (e.g. ``2`` for the features of a ViT block's ``(N, tokens, dim)`` output);
+            ignored when ``data`` is an :class:`ActivationCache` (built with its own).
 
     Returns:
         The holding rate in [0, 1].
@@ -204,7 +208,8 @@ def holding_rate(
         cache.check_model(model)
     else:
         cache = ActivationCache(
-            model, list(masks.keys()), data, batch_size=batch_size, output_fn=output_fn, device=device
+            model, list(masks.keys()), data, batch_size=batch_size, output_fn=output_fn, device=device,
+            unit_dim=unit_dim,
         )
     target_class = check_class(target_class, cache.num_classes)
     gates = [g.to(cache.device) if g is not None else None for g in gates_from_masks(cache.specs, masks, cache.model)]
@@ -218,7 +223,7 @@ def holding_rate(
 
 
 @contextmanager
-def mask_units(model: nn.Module, masks: MaskArg) -> Iterator[nn.Module]:
+def mask_units(model: nn.Module, masks: MaskArg, unit_dim: int | Sequence[int] | None = None) -> Iterator[nn.Module]:
     """Apply hard masks to ``model`` while inside the block.
 
     Units whose mask is False output zeros (a whole feature map for a conv
@@ -228,11 +233,13 @@ def mask_units(model: nn.Module, masks: MaskArg) -> Iterator[nn.Module]:
     Args:
         model: the model to mask.
         masks: ``{layer: bool tensor}`` (True = kept), keyed by name, module or ``"input"``.
+        unit_dim: output dim(s) one mask entry covers, as given to :func:`find_core_units`
+            (default: channels of 4-D outputs, features of 2-D ones).
 
     Yields:
         The same model, masked.
     """
-    specs = resolve_layers(model, list(masks.keys()))
+    specs = resolve_layers(model, list(masks.keys()), unit_dim)
     values = list(masks.values())
     handles = []
 
@@ -240,7 +247,7 @@ def mask_units(model: nn.Module, masks: MaskArg) -> Iterator[nn.Module]:
         m = torch.as_tensor(mask).bool()
 
         def gate_of(x: torch.Tensor) -> torch.Tensor:
-            if spec.unit_dims is None:
+            if not spec.output_ndim:  # not bound to an output yet (unit_dims may be given)
                 spec.bind(x.shape)
             return _mask_tensor(m, spec).to(device=x.device, dtype=x.dtype)
 

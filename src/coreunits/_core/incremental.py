@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from coreunits._core.cache import ActivationCache
-from coreunits._core.engine import GatedModel, _LeafTracer
+from coreunits._core.engine import GatedModel, trace_gated
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.layers import INPUT, LayerSpec
 from coreunits._core.scoring import dense_masked_scores
@@ -272,7 +272,7 @@ def build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | 
 def _next_linear(cache: ActivationCache, layer: str) -> tuple[list[fx.Node], str, nn.Linear | nn.Conv2d] | str:
     """(shape-op chain, name, module) of the Linear/Conv2d the layer feeds alone, or why there is none."""
     modules = dict(cache.model.named_modules())
-    graph = _LeafTracer({layer}).trace(cache.model)
+    graph = trace_gated(cache.model, {layer})
     node = next(n for n in graph.nodes if n.op == "call_module" and n.target == layer)
     chain: list[fx.Node] = []
     while True:
