@@ -45,8 +45,10 @@ INPUTS = 128
 SEED = 0
 TARGET = 0.95
 RIDGE = 1e-2
-# Short optimisations (target mode lowers alpha from here when a run misses by much).
-OPTIONS: dict[str, Any] = {"epochs": 1, "min_steps": 60, "progress": False}
+# Short optimisations (target mode lowers alpha from here when a run misses by much), and drops
+# tried once each, lowest gate first: least-harm drops end with exchange, which on these layers
+# (320 to 4096 units, no batched path) runs the suffix once per unit outside the set per round.
+OPTIONS: dict[str, Any] = {"epochs": 1, "min_steps": 60, "drop_order": "gate", "progress": False}
 TABLE_ENV = "COREUNITS_ARCH_TABLE"
 
 
@@ -139,6 +141,7 @@ def record(arch: Arch, r: CoreUnits) -> None:
         "holding_rate_strict": r.holding_rate_strict, "target": TARGET, "engine": r.settings["engine"],
         "prefix_cached": r.settings["prefix_cached"], "fallbacks": r.settings["fallbacks"],
         "seconds": round(r.seconds, 2), "unit_dim": arch.unit_dim, "dprime": r.dprime["size"],
+        "drop_order": r.settings["drop_order"],
         "input": [INPUTS, 3, SIZE, SIZE], "torch": torch.__version__,
     }
     with Path(path).open("a", encoding="utf-8") as f:
