@@ -20,6 +20,7 @@ __all__ = [
     "assert_same_state",
     "assert_untouched",
     "direct_strict_rate",
+    "load_script",
     "model_state",
     "predicted",
     "shared_data_or_skip",
@@ -114,3 +115,14 @@ def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"MNIST not found at {SHARED_DATA}/MNIST/raw")
     return SHARED_DATA
+
+
+def load_script(name: str):  # type: ignore[no-untyped-def]
+    """A file of scripts/ imported as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

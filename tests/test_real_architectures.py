@@ -22,7 +22,6 @@ table of the architectures tested).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import REPO, assert_untouched, direct_strict_rate, predicted, snapshot
+from helpers import assert_untouched, direct_strict_rate, load_script, predicted, snapshot
 from torch import nn
 
 from coreunits import ActivationCache, CoreUnits, find_core_units, holding_rate, mask_units
@@ -194,11 +193,7 @@ def test_fx_splits_inside_a_timm_block() -> None:
 
 
 def _table_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("architecture_table", REPO / "scripts" / "architecture_table.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("architecture_table")
 
 
 def test_architecture_table_is_written_between_the_markers_only(tmp_path: Path) -> None:

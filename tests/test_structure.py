@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from helpers import REPO
+from helpers import load_script
 
 
 def _checker():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("check_structure", REPO / "scripts" / "check_structure.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_structure")
 
 
 def test_no_import_cycle_in_src() -> None:

@@ -1,4 +1,4 @@
-"""The ``coreunits`` command line: demo, find, train, reproduce, compare.
+"""The ``coreunits`` command line: demo, find, sweep, train, reproduce, compare.
 
 Every subcommand has ``--help``. Data comes from ``--data-root`` or the
 ``COREUNITS_DATA`` variable; MNIST is downloaded when possible, and the demo
@@ -162,19 +162,22 @@ def _print_found(r: Any, source: str) -> None:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    """Core units of one class in one or more layers of the paper's MNIST classifier (or a checkpoint of it)."""
+    """Core units of one class in one or more layers of a model: the paper's MNIST classifier by default, or any
+    model given with --model (torchvision:NAME, timm:NAME, file.py:FACTORY, file.pt2, file.ts) and --data."""
     from coreunits import find_core_units
     from coreunits.paper import coefficients
 
     _check_target(args.target)
-    _check_classes([args.target_class])
     _check_coefficients(args)
     _threads(args.threads)
+    if args.model is not None or args.data is not None:
+        return _find_user(args)
+    target_class = _class_index(args.target_class, None, 10)
     model, _ = _mnist_model(args, args.layer)
     data, source = _mnist_data(args)
     coef = coefficients("mnist", args.layer)
     r = find_core_units(
-        model, args.layer if len(args.layer) > 1 else args.layer[0], args.target_class, data,
+        model, args.layer if len(args.layer) > 1 else args.layer[0], target_class, data,
         alpha=args.alpha if args.alpha is not None else coef["alpha"],
         lam=args.lam if args.lam is not None else coef["lam"],
         epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
@@ -187,6 +190,150 @@ def cmd_find(args: argparse.Namespace) -> int:
         r.save(args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+#: Target mode's holding rate for models other than the paper's, whose fixed coefficients do not transfer.
+DEFAULT_TARGET = 0.99
+
+
+def _model_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise OptionError(f"--model-kwargs is not JSON ({err}); e.g. --model-kwargs '{{\"num_classes\": 3}}'") from None
+    if not isinstance(value, dict):
+        raise OptionError("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 3}'")
+    return value
+
+
+def _class_index(text: str, names: Sequence[str] | None, num_classes: int) -> int:
+    """``--class``: an index, or one of the data's class names (an image folder's folder names)."""
+    if names and text in names and not text.isdigit():
+        return list(names).index(text)
+    try:
+        c = int(text)
+    except ValueError:
+        known = f" its classes: {', '.join(names[:12])}" if names else " the data has no class names"
+        raise OptionError(f"--class {text!r} is neither a class index nor a class name of the data;{known}") from None
+    _check_classes([c], num_classes)
+    return c
+
+
+def _selection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """find_core_units settings for a user's model: target mode unless --alpha asks for fixed coefficients."""
+    options: dict[str, Any] = {"batch_size": args.batch_size, "reading": args.reading,
+                               "drop_order": args.drop_order, "positives_only": args.positives_only}
+    for name in ("alpha", "lam", "epochs"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    target = args.target if args.target is not None else (None if args.alpha is not None else DEFAULT_TARGET)
+    if target is not None:
+        options["target_holding_rate"] = target
+    return options
+
+
+def _user_inputs(args: argparse.Namespace, layers: Sequence[str]) -> tuple[Any, Any, int]:
+    """(LoadedModel, LoadedData, number of classes) for --model/--data, every option checked before the data loads."""
+    from coreunits._core.layers import INPUT, resolve_layers
+    from coreunits.sources import load_data, load_model, model_classes, parse_normalize
+
+    parse_normalize(args.normalize, None)  # a malformed --normalize fails before anything loads
+    spec = args.model or "coreunits:mnist"
+    if args.model is None and args.checkpoint:
+        args.weights = args.weights or args.checkpoint
+    loaded = load_model(spec, _model_kwargs(args.model_kwargs), args.weights)
+    if loaded.gateable_input_only and any(layer != INPUT for layer in layers):
+        raise OptionError(f"{spec} is TorchScript, whose layers take no hooks: only --layer input can be gated; "
+                          "give the model as file.py:FACTORY or as a torch.export .pt2 file to gate its layers")
+    resolve_layers(loaded.model, list(layers))  # an unknown layer fails here, naming the model's layers
+    if args.data is None:
+        if not spec.startswith("coreunits:mnist"):
+            raise OptionError(f"--model {spec} needs --data (imagefolder:DIR, mnist:ROOT, cifar10:ROOT or "
+                              "torchvision:CLASS:ROOT)")
+        from coreunits.sources import LoadedData
+
+        dataset, source = _mnist_data(args)
+        return loaded, LoadedData(dataset, source, [str(d) for d in range(10)]), 10
+    data = load_data(args.data, split=args.split, image_size=args.image_size,
+                     normalization=parse_normalize(args.normalize, loaded.normalization),
+                     max_inputs=args.max_inputs, seed=args.seed)
+    return loaded, data, model_classes(loaded.model, data.dataset)
+
+
+def _find_user(args: argparse.Namespace) -> int:
+    from coreunits import find_core_units
+
+    loaded, data, num_classes = _user_inputs(args, args.layer)
+    c = _class_index(args.target_class, data.class_names, num_classes)
+    options = _selection_options(args)
+    print(f"model: {loaded.description}")
+    if "target_holding_rate" in options and args.target is None:
+        print(f"target mode at {DEFAULT_TARGET} ({args.reading} reading), the default for models other than the "
+              "paper's; --target sets another rate, --alpha fixed coefficients instead")
+    r = find_core_units(loaded.model, args.layer if len(args.layer) > 1 else args.layer[0], c, data.dataset,
+                        seed=args.seed, progress=not args.no_progress, **options)
+    r.settings["inputs"] = {"model": loaded.description, "data": data.description,
+                            "class_name": data.class_names[c] if data.class_names else None}
+    _print_found(r, data.description)
+    if args.out:
+        r.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _sweep_classes(text: str, names: Sequence[str] | None, num_classes: int) -> list[int]:
+    if text == "all":
+        return list(range(num_classes))
+    return [_class_index(t, names, num_classes) for t in text.replace(",", " ").split()]
+
+
+def _weights_identity(path: str | None) -> str | None:
+    import hashlib
+
+    if not path:
+        return None
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Core units of many classes x layers x runs of one model, resumable per record, with JSON, CSV and a report."""
+    from coreunits.sweep import plan, run_sweep, write_sweep_report
+
+    _check_target(args.target)
+    _check_coefficients(args)
+    if args.runs < 1:
+        raise OptionError(f"--runs must be >= 1, got {args.runs}")
+    _threads(args.threads)
+    t0 = time.perf_counter()
+    loaded, data, num_classes = _user_inputs(args, args.layer)
+    classes = _sweep_classes(args.classes, data.class_names, num_classes)
+    options = _selection_options(args)
+    spec = args.model or "coreunits:mnist"
+    out = Path(args.out) if args.out else Path("results") / ("sweep-" + _slug(spec))
+    identity = {"model": spec, "model_kwargs": _model_kwargs(args.model_kwargs),
+                "weights": _weights_identity(args.weights), "data": data.description,
+                "image_size": args.image_size, "normalize": args.normalize}
+    tasks = plan(args.layer, classes, args.runs, args.seed)
+    print(f"model: {loaded.description}\ndata:  {data.description}\n{len(tasks)} selections "
+          f"({len(args.layer)} layers x {len(classes)} classes x {args.runs} runs) -> {out}", flush=True)
+    records = run_sweep(loaded.model, data.dataset, tasks, out, identity=identity, options=options,
+                        class_names=data.class_names, progress=not args.no_progress)
+    description = (f"Model {loaded.description}; data {data.description}; settings "
+                   + ", ".join(f"{k}={v}" for k, v in options.items()) + f"; seeds {args.seed}..{args.seed + args.runs - 1}.")
+    write_sweep_report(out, records, description=description, command=args.command_line,
+                       wall=time.perf_counter() - t0)
+    skipped = sum(1 for r in records if r.get("holding_rate") is None)
+    print(f"{len(records) - skipped} selections done" + (f", {skipped} skipped (see report)" if skipped else "")
+          + f"; wrote {out / 'report.md'}, sweep.json and sweep.csv")
+    return 0
+
+
+def _slug(spec: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", Path(spec).name).strip("-")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -308,28 +455,72 @@ def _add_demo(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _add_find(sub: Any) -> None:
-    p = sub.add_parser("find", help="core units of one class of a bundled or checkpointed model",
-                       description=cmd_find.__doc__)
-    _add_common(p)
-    p.add_argument("--checkpoint", default=None, help="checkpoint (.pt with its .json metadata)")
-    p.add_argument("--layer", action="append", required=True,
-                   help=f"layer name (repeat for simultaneous selection); the bundled model's layers: {_LAYER_NAMES}")
-    p.add_argument("--class", dest="target_class", type=int, required=True, help="class of interest (0..9)")
-    p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)
-    _add_selection(p)
+def _add_model_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your own model and data (default: the paper's MNIST classifier and MNIST)")
+    g.add_argument("--model", default=None,
+                   help="torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, file.pt2 (torch.export), "
+                        "file.ts (TorchScript; --layer input only) or coreunits:mnist|mnist_mlp|cifar10")
+    g.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of the model's builder, e.g. '{\"num_classes\": 3}'")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="state_dict (.pt, .pth, .bin or .safetensors) loaded strictly into the model; default: "
+                        "torchvision's/timm's pretrained weights (from the local cache: they cannot be fetched offline)")
+    g.add_argument("--data", default=None, metavar="SPEC",
+                   help="imagefolder:DIR, mnist:ROOT, cifar10:ROOT or torchvision:CLASS:ROOT (labels are not used: "
+                        "D'_c comes from the model's predictions)")
+    g.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize the shorter side to N and centre-crop NxN (default: keep the images' size)")
+    g.add_argument("--normalize", default=None, metavar="imagenet|none|MEAN,STD",
+                   help="input normalisation (default: the preset of the model's pretrained weights where torchvision "
+                        "or timm has one, else none)")
+    g.add_argument("--max-inputs", type=int, default=None, metavar="N",
+                   help="use a random N of the data's inputs (seeded by --seed; default: all)")
+    g.add_argument("--checkpoint", default=None, help="checkpoint of the paper's net (.pt with its .json metadata)")
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: the paper setting for the layer")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--positives-only", action="store_true", help="D'_c from positives only (paper: input layer)")
     p.add_argument("--target", type=float, default=None,
                    help="target mode: the fewest units whose holding rate on D'_c reaches this (in (0, 1], "
-                        "e.g. 0.995)")
+                        f"e.g. 0.995); default with --model: {DEFAULT_TARGET} unless --alpha is given")
     p.add_argument("--reading", choices=["strict", "paper"], default="strict",
                    help="holding-rate reading the target is judged in (default: strict)")
     p.add_argument("--drop-order", choices=["least_harm", "gate"], default="least_harm",
                    help="how --target drops units after calibration (default: least harm on a probe)")
+
+
+def _add_find(sub: Any) -> None:
+    p = sub.add_parser("find", help="core units of one class of the paper's classifier or of your own model",
+                       description=cmd_find.__doc__)
+    _add_common(p)
+    _add_model_data(p)
+    p.add_argument("--layer", action="append", required=True,
+                   help=f"layer name (repeat for simultaneous selection); the bundled model's layers: {_LAYER_NAMES}")
+    p.add_argument("--class", dest="target_class", required=True,
+                   help="class of interest: an index of the model's output, or a class (folder) name of the data")
+    p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)
+    _add_selection(p)
+    _add_target_options(p)
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_find)
+
+
+def _add_sweep(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="core units of many classes x layers x runs of a model, resumable, with a report",
+                       description=cmd_sweep.__doc__)
+    _add_common(p)
+    _add_model_data(p)
+    p.add_argument("--layer", action="append", required=True, help="layer name; repeat for more layers (one "
+                   "selection per layer)")
+    p.add_argument("--classes", default="all", help="all, or a list of indices or class names (default: all)")
+    p.add_argument("--runs", type=int, default=1, help="selections per (layer, class), seeds --seed, --seed+1, ...")
+    p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)
+    _add_selection(p)
+    _add_target_options(p)
+    p.add_argument("--out", default=None, help="output folder (default: results/sweep-<model>)")
+    p.set_defaults(func=cmd_sweep)
 
 
 def _add_train(sub: Any) -> None:
@@ -385,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the core units of a trained classifier (switch gates + IBP-MAP objective).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_find, _add_train, _add_reproduce, _add_compare):
+    for add in (_add_demo, _add_find, _add_sweep, _add_train, _add_reproduce, _add_compare):
         add(sub)
     return parser
 
@@ -402,7 +593,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print one line ``coreunits: error: ...`` on stderr and return 2, as
     argparse does for its own; anything else is a bug and keeps its traceback.
     """
-    args = build_parser().parse_args(argv)
+    import shlex
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
+    args.command_line = "coreunits " + " ".join(shlex.quote(w) for w in words)  # what reports say was run
     logging.basicConfig(level=logging.WARNING, format="coreunits: %(levelname)s: %(message)s")
     try:
         return int(args.func(args))

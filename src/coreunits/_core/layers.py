@@ -20,7 +20,7 @@ from torch import nn
 
 from coreunits._core.errors import LayerNotFoundError
 
-__all__ = ["INPUT", "LayerArg", "LayerSpec", "default_unit_dims", "resolve_layers"]
+__all__ = ["INPUT", "LayerArg", "LayerSpec", "close_names", "default_unit_dims", "resolve_layers"]
 
 INPUT = "input"
 
@@ -83,7 +83,7 @@ def default_unit_dims(name: str, ndim: int) -> tuple[int, ...]:
     return (ndim - 1,) if ndim == 2 else (1,)
 
 
-def _close_names(name: str, names: Sequence[str]) -> list[str]:
+def close_names(name: str, names: Sequence[str]) -> list[str]:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     # Also offer names that share the last component ("max1" -> "features.max1").
     tail = name.rsplit(".", 1)[-1]
@@ -132,7 +132,7 @@ def resolve_layers(
                 specs.append(LayerSpec(INPUT, None, dims))
                 continue
             if item not in named or item == "":
-                close = _close_names(item, names)
+                close = close_names(item, names)
                 hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else _listing(names)
                 raise LayerNotFoundError(
                     f"model has no layer named {item!r}.{hint} "
