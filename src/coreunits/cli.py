@@ -161,6 +161,14 @@ def _print_found(r: Any, source: str) -> None:
           f"{100 * r.holding_rate_strict:.2f}% (strict)")
 
 
+def _report_found(r: Any, source: str, out: str | None) -> int:
+    _print_found(r, source)
+    if out:
+        r.save(out)
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_find(args: argparse.Namespace) -> int:
     """Core units of one class in one or more layers of a model: the paper's MNIST classifier by default, or any
     model given with --model (torchvision:NAME, timm:NAME, file.py:FACTORY, file.pt2, file.ts) and --data."""
@@ -185,11 +193,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         positives_only=args.positives_only, progress=not args.no_progress,
         target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order,
     )
-    _print_found(r, source)
-    if args.out:
-        r.save(args.out)
-        print(f"wrote {args.out}")
-    return 0
+    return _report_found(r, source, args.out)
 
 
 #: Target mode's holding rate for models other than the paper's, whose fixed coefficients do not transfer.
@@ -234,6 +238,11 @@ def _selection_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _weights(args: argparse.Namespace) -> str | None:
+    """--weights, or for the bundled model (no --model) its --checkpoint."""
+    return args.weights or (args.checkpoint if args.model is None else None)
+
+
 def _user_inputs(args: argparse.Namespace, layers: Sequence[str]) -> tuple[Any, Any, int]:
     """(LoadedModel, LoadedData, number of classes) for --model/--data, every option checked before the data loads."""
     from coreunits._core.layers import INPUT, resolve_layers
@@ -241,9 +250,7 @@ def _user_inputs(args: argparse.Namespace, layers: Sequence[str]) -> tuple[Any, 
 
     parse_normalize(args.normalize, None)  # a malformed --normalize fails before anything loads
     spec = args.model or "coreunits:mnist"
-    if args.model is None and args.checkpoint:
-        args.weights = args.weights or args.checkpoint
-    loaded = load_model(spec, _model_kwargs(args.model_kwargs), args.weights)
+    loaded = load_model(spec, _model_kwargs(args.model_kwargs), _weights(args))
     if loaded.gateable_input_only and any(layer != INPUT for layer in layers):
         raise OptionError(f"{spec} is TorchScript, whose layers take no hooks: only --layer input can be gated; "
                           "give the model as file.py:FACTORY or as a torch.export .pt2 file to gate its layers")
@@ -276,11 +283,7 @@ def _find_user(args: argparse.Namespace) -> int:
                         seed=args.seed, progress=not args.no_progress, **options)
     r.settings["inputs"] = {"model": loaded.description, "data": data.description,
                             "class_name": data.class_names[c] if data.class_names else None}
-    _print_found(r, data.description)
-    if args.out:
-        r.save(args.out)
-        print(f"wrote {args.out}")
-    return 0
+    return _report_found(r, data.description, args.out)
 
 
 def _sweep_classes(text: str, names: Sequence[str] | None, num_classes: int) -> list[int]:
@@ -289,16 +292,9 @@ def _sweep_classes(text: str, names: Sequence[str] | None, num_classes: int) -> 
     return [_class_index(t, names, num_classes) for t in text.replace(",", " ").split()]
 
 
-def _weights_identity(path: str | None) -> str | None:
-    import hashlib
-
-    if not path:
-        return None
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Core units of many classes x layers x runs of one model, resumable per record, with JSON, CSV and a report."""
+    from coreunits._core.io import file_digest
     from coreunits.sweep import plan, run_sweep, write_sweep_report
 
     _check_target(args.target)
@@ -313,7 +309,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = args.model or "coreunits:mnist"
     out = Path(args.out) if args.out else Path("results") / ("sweep-" + _slug(spec))
     identity = {"model": spec, "model_kwargs": _model_kwargs(args.model_kwargs),
-                "weights": _weights_identity(args.weights), "data": data.description,
+                "weights": file_digest(weights) if (weights := _weights(args)) else None, "data": data.description,
                 "image_size": args.image_size, "normalize": args.normalize}
     tasks = plan(args.layer, classes, args.runs, args.seed)
     print(f"model: {loaded.description}\ndata:  {data.description}\n{len(tasks)} selections "
@@ -382,10 +378,9 @@ def _compare_data(dataset: str, data_root: str | None) -> tuple[Any, str, Any, s
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare unit-selection methods (switch gates, L0, greedy, Shapley, rankings, random) at a target."""
-    import hashlib
-
     import torch
 
+    from coreunits._core.io import file_digest
     from coreunits.compare import compare_methods, default_methods, write_comparison_report
     from coreunits.paper import coefficients, default_checkpoint
     from coreunits.train import load_named_or
@@ -399,7 +394,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     model = load_named_or(ckpt, dataset)
     data, source, heldout, held_source = _compare_data(dataset, args.data_root)
     out = Path(args.out) if args.out else Path("results") / f"compare-{dataset}"
-    tag = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] + f"/{len(data)}"
+    tag = file_digest(ckpt) + f"/{len(data)}"
     records = []
     for layer in args.layers:
         methods = default_methods(args.seed, coefficients(dataset, [layer]), args.methods)

@@ -9,7 +9,6 @@ Then everything is gathered into ``results.json``, CSVs, figures and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import torch
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import build_dprime
 from coreunits._core.evaluation import evaluate_gates, removal_curve
-from coreunits._core.io import atomic_write_text
+from coreunits._core.io import atomic_write_text, file_digest
 from coreunits._core.progress import progress_bar
 from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.selection import DEFAULTS, find_core_units
@@ -193,7 +192,7 @@ def run_dataset(
     overrides = meta.get("coefficients")
     data, source = _paper_data(dataset, data_root, quick)
     settings = {
-        "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16],
+        "checkpoint_sha256": file_digest(ckpt),
         "data": source.split(" from ")[0].split(" (")[0] + f" n={len(data)}",
         "coefficients": {k: coefficients(dataset, [k], overrides) for k in ("max1", "max2", "input")},
         "quick": quick,

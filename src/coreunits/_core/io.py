@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "model_device", "save_figure"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_digest", "model_device", "save_figure"]
 
 PathArg = str | os.PathLike[str]
 
@@ -57,6 +57,13 @@ def atomic_write_bytes(path: PathArg, data: bytes) -> None:
 def atomic_write_text(path: PathArg, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_digest(path: PathArg) -> str:
+    """The first 16 hex digits of a file's sha256: how records name the checkpoint or weights they came from."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
 
 
 def save_figure(fig: Any, path: PathArg, **savefig_kwargs: Any) -> None:
