@@ -1,4 +1,4 @@
-"""The ``coreunits`` command line: demo, find, sweep, train, reproduce, compare.
+"""The ``coreunits`` command line: demo, find, sweep, train, reproduce, compare, report.
 
 Every subcommand has ``--help``. Data comes from ``--data-root`` or the
 ``COREUNITS_DATA`` variable; MNIST is downloaded when possible, and the demo
@@ -161,12 +161,28 @@ def _print_found(r: Any, source: str) -> None:
           f"{100 * r.holding_rate_strict:.2f}% (strict)")
 
 
-def _report_found(r: Any, source: str, out: str | None) -> int:
+def _report_found(r: Any, source: str, out: str | None, html: tuple[Any, Any, Any] | None = None) -> int:
+    """Print the result; with --out save it, and (``html`` = model, data, class names) its report page beside it."""
     _print_found(r, source)
     if out:
         r.save(out)
         print(f"wrote {out}")
+        if html is not None:
+            _write_html(out, *html)
     return 0
+
+
+def _write_html(results: str | Path, model: Any, data: Any, class_names: Sequence[str] | None = None,
+                **kwargs: Any) -> None:
+    """report.html for results a command just wrote; data that cannot make the panels only costs a note."""
+    from coreunits.html_report import write_html_report
+
+    try:
+        page = write_html_report(results, model=model, data=data, class_names=class_names, **kwargs)
+    except CoreUnitsError as err:
+        print(f"note: no HTML report: {_one_line(err)}", file=sys.stderr)
+        return
+    print(f"wrote {page}")
 
 
 def cmd_find(args: argparse.Namespace) -> int:
@@ -193,7 +209,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         positives_only=args.positives_only, progress=not args.no_progress,
         target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order,
     )
-    return _report_found(r, source, args.out)
+    return _report_found(r, source, args.out, None if args.no_html else (model, data, None))
 
 
 #: Target mode's holding rate for models other than the paper's, whose fixed coefficients do not transfer.
@@ -283,7 +299,8 @@ def _find_user(args: argparse.Namespace) -> int:
                         seed=args.seed, progress=not args.no_progress, **options)
     r.settings["inputs"] = {"model": loaded.description, "data": data.description,
                             "class_name": data.class_names[c] if data.class_names else None}
-    return _report_found(r, data.description, args.out)
+    html = None if args.no_html else (loaded.model, data.dataset, data.class_names)
+    return _report_found(r, data.description, args.out, html)
 
 
 def _sweep_classes(text: str, names: Sequence[str] | None, num_classes: int) -> list[int]:
@@ -320,6 +337,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    + ", ".join(f"{k}={v}" for k, v in options.items()) + f"; seeds {args.seed}..{args.seed + args.runs - 1}.")
     write_sweep_report(out, records, description=description, command=args.command_line,
                        wall=time.perf_counter() - t0)
+    if not args.no_html and any(r.get("holding_rate") is not None for r in records):
+        _write_html(out, loaded.model, data.dataset, data.class_names)
     skipped = sum(1 for r in records if r.get("holding_rate") is None)
     print(f"{len(records) - skipped} selections done" + (f", {skipped} skipped (see report)" if skipped else "")
           + f"; wrote {out / 'report.md'}, sweep.json and sweep.csv")
@@ -357,8 +376,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     _threads(args.threads)
     out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if args.quick else ""))
     run_dataset(args.dataset, out, args.data_root, args.checkpoint, args.runs, args.quick,
-                progress=not args.no_progress, device=args.device)
-    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and CSV/PNG files")
+                progress=not args.no_progress, device=args.device, html=not args.no_html)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'}" + ("" if args.no_html else ", report.html")
+          + " and CSV/PNG files")
     return 0
 
 
@@ -412,6 +432,72 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         "the same command without --report-only completes the rest.")
     write_comparison_report(out, records, target=args.target, description=description, command=command)
     print(f"wrote {out / 'report.md'} (and comparison.json, CSVs, PNG)")
+    if not args.no_html and records:
+        from coreunits.report import SPECS
+
+        _write_html(out, model, data, SPECS[dataset]["class_names"])
+    return 0
+
+
+def _paper_inputs(args: argparse.Namespace, dataset: str, recorded: str | None) -> tuple[Any, Path]:
+    """The paper's classifier for a reproduce/compare folder (checked against the digest it recorded)."""
+    from coreunits._core.io import file_digest
+    from coreunits.paper import default_checkpoint
+    from coreunits.train import load_named_or
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(dataset)
+    if recorded and file_digest(ckpt) != recorded:
+        raise OptionError(f"the results were made with a checkpoint of sha256 {recorded}..., not {ckpt} "
+                          f"({file_digest(ckpt)}...); pass that checkpoint with --checkpoint, or --no-panels")
+    return load_named_or(ckpt, dataset), ckpt
+
+
+def _report_inputs(args: argparse.Namespace, source: Any) -> tuple[Any, Any, Sequence[str] | None]:
+    """(model, data, class names) the results were made with, rebuilt from what the folder records."""
+    from coreunits.report import SPECS
+
+    if source.kind == "reproduce":
+        from coreunits.reproduce import paper_data
+
+        dataset = source.meta["dataset"]
+        model, _ = _paper_inputs(args, dataset, source.meta.get("checkpoint_sha256"))
+        data, _ = paper_data(dataset, args.data_root, source.meta["quick"])
+        return model, data, SPECS[dataset]["class_names"]
+    if source.kind == "compare" and source.meta.get("dataset") in SPECS:
+        dataset = source.meta["dataset"]
+        model, _ = _paper_inputs(args, dataset, None)
+        return model, _compare_data(dataset, args.data_root)[0], SPECS[dataset]["class_names"]
+    if source.kind == "sweep" and source.command.startswith("coreunits sweep "):
+        import shlex
+
+        sweep = build_parser().parse_args(shlex.split(source.command)[1:])
+        if args.data_root is not None:
+            sweep.data_root = args.data_root
+        layers = sorted({s.layer for s in source.selections})
+        loaded, data, _ = _user_inputs(sweep, layers)
+        return loaded.model, data.dataset, data.class_names
+    raise OptionError(f"{source.path} does not record the model and data it was made with (a {source.kind} "
+                      "result); the command that made it writes its report.html, or use --no-panels for the atlas")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.html (layer atlas and per-unit panels), atlas.json and atlas.csv for the results in DIR: a
+    folder written by reproduce, sweep or compare, or a find result. The model and data are found again from
+    what the folder records (--data-root, --checkpoint where they moved)."""
+    from coreunits._core.selections import read_results
+    from coreunits.html_report import write_html_report
+
+    if args.top_k < 1:
+        raise OptionError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.probe_rows is not None and args.probe_rows < 1:
+        raise OptionError(f"--probe-rows must be >= 1, got {args.probe_rows}")
+    _threads(args.threads)
+    source = read_results(args.dir)
+    model, data, names = (None, None, None) if args.no_panels else _report_inputs(args, source)
+    page = write_html_report(args.dir, args.out, model=model, data=data, class_names=names, top_k=args.top_k,
+                             probe_rows=args.probe_rows, image_format=args.image_format, title=args.title)
+    size = page.stat().st_size
+    print(f"wrote {page} ({size / 1e6:.1f} MB) and the atlas as JSON and CSV beside it")
     return 0
 
 
@@ -434,6 +520,11 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="cost of a unit (default: the paper setting)")
     p.add_argument("--lam", type=float, default=None, help="phi penalty weight (default: the paper setting)")
     p.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
+
+
+def _add_no_html(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-html", action="store_true",
+                   help="do not write report.html (the atlas and per-unit panels; one more pass over the data)")
 
 
 def _add_demo(sub: Any) -> None:
@@ -499,6 +590,7 @@ def _add_find(sub: Any) -> None:
     _add_selection(p)
     _add_target_options(p)
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    _add_no_html(p)
     p.set_defaults(func=cmd_find)
 
 
@@ -515,6 +607,7 @@ def _add_sweep(sub: Any) -> None:
     _add_selection(p)
     _add_target_options(p)
     p.add_argument("--out", default=None, help="output folder (default: results/sweep-<model>)")
+    _add_no_html(p)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -541,6 +634,7 @@ def _add_reproduce(sub: Any) -> None:
     p.add_argument("--runs", type=int, default=3, help="optimisations per (layer, class)")
     p.add_argument("--quick", action="store_true", help="a small subset, for smoke tests")
     p.add_argument("--device", default=None, help="where to select, e.g. cuda (default: cpu)")
+    _add_no_html(p)
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -561,7 +655,25 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--out", default=None, help="output folder (default: results/compare-<dataset>)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs stored in --out, computing nothing")
+    _add_no_html(p)
     p.set_defaults(func=cmd_compare)
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="report.html: the layer atlas and what each core unit responds to",
+                       description=cmd_report.__doc__)
+    _add_common(p)
+    p.add_argument("dir", help="results folder (reproduce, sweep or compare) or a find result JSON")
+    p.add_argument("--out", default=None, help="the page's path (default: DIR/report.html)")
+    p.add_argument("--checkpoint", default=None, help="the classifier, where a reproduce/compare folder's moved")
+    p.add_argument("--top-k", type=int, default=6, help="inputs shown per unit and row (default 6)")
+    p.add_argument("--probe-rows", type=int, default=1024,
+                   help="inputs of D'_c that judge each unit's necessity (a seeded subset; default 1024)")
+    p.add_argument("--image-format", choices=["png", "jpeg"], default="png",
+                   help="thumbnails as PNG (default) or JPEG (smaller for photos)")
+    p.add_argument("--no-panels", action="store_true", help="the atlas only: no model, no data, no pass over them")
+    p.add_argument("--title", default=None, help="the page's title")
+    p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -571,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the core units of a trained classifier (switch gates + IBP-MAP objective).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_find, _add_sweep, _add_train, _add_reproduce, _add_compare):
+    for add in (_add_demo, _add_find, _add_sweep, _add_train, _add_reproduce, _add_compare, _add_report):
         add(sub)
     return parser
 

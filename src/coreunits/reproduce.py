@@ -27,7 +27,7 @@ from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.selection import DEFAULTS, find_core_units
 from coreunits.paper import cifar10_data, coefficients, default_checkpoint
 
-__all__ = ["Work", "plan", "run_dataset"]
+__all__ = ["Work", "paper_data", "plan", "run_dataset"]
 
 RANDOM_SUBSETS = 10
 FIG4_RUNS = 5
@@ -128,8 +128,8 @@ def _groups(works: list[Work]) -> Iterator[tuple[tuple[str, ...], list[Work]]]:
     yield from order.items()
 
 
-def _paper_data(dataset: str, data_root: str | None, quick: bool) -> tuple[Any, str]:
-    """The data a reproduction selects on, and its description."""
+def paper_data(dataset: str, data_root: str | None, quick: bool) -> tuple[Any, str]:
+    """The data a reproduction selects on, and its description (also what ``coreunits report`` reloads)."""
     from coreunits.data import get_mnist
 
     # The paper optimises on the training data; --quick uses the (smaller) test split.
@@ -163,6 +163,7 @@ def run_dataset(
     quick: bool = False,
     progress: bool = True,
     device: str | None = None,
+    html: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the reproduction of ``dataset`` ("mnist" or "cifar10") into ``out``.
 
@@ -177,6 +178,7 @@ def run_dataset(
         device: where to select (e.g. ``"cuda"``); default the checkpoint's (CPU).
             The checkpoint's metadata may carry per-layer ``"coefficients"``
             that replace the paper's settings for that classifier.
+        html: also write ``report.html`` (atlas and per-unit panels; one more pass over the data).
 
     Returns:
         The gathered results (also written to ``out/results.json``).
@@ -190,7 +192,7 @@ def run_dataset(
     model = load_model(ckpt, dataset)
     meta = read_metadata(ckpt)
     overrides = meta.get("coefficients")
-    data, source = _paper_data(dataset, data_root, quick)
+    data, source = paper_data(dataset, data_root, quick)
     settings = {
         "checkpoint_sha256": file_digest(ckpt),
         "data": source.split(" from ")[0].split(" (")[0] + f" n={len(data)}",
@@ -239,4 +241,10 @@ def run_dataset(
                     "epochs": meta.get("epochs"), "seed": meta.get("seed")},
         runs=1 if quick else runs, quick=quick,
     )
+    if html:
+        from coreunits.html_report import write_html_report
+        from coreunits.report import SPECS
+
+        write_html_report(out, model=model, data=data, class_names=SPECS[dataset]["class_names"],
+                          title=f"Core units of the paper's {SPECS[dataset]['title']} classifier")
     return results
