@@ -110,15 +110,21 @@ def _pixel_views(acts: Activations | None, atlas: LayerAtlas, reps: list[Selecti
     return views
 
 
+def _auto_format(data: Any) -> str:
+    """PNG for grey inputs (crisp, small), JPEG for colour photos (PNG would be several times larger)."""
+    first = gather_inputs(data, [0])
+    return "jpeg" if first.dim() == 4 and first.shape[1] == 3 else "png"
+
+
 def build_report(source: ResultsSource, *, model: nn.Module | None = None, data: Any = None,
                  class_names: Sequence[str] | None = None, top_k: int = 6, probe_rows: int | None = 1024,
-                 output_fn: OutputFn | None = None, image_format: str = "png",
+                 output_fn: OutputFn | None = None, image_format: str = "auto",
                  layers: Sequence[str] | None = None) -> ReportData:
     """The atlases of every layer in ``source`` and, given ``model`` and ``data``, every class's unit views."""
     if top_k < 1:
         raise OptionError(f"top_k must be >= 1, got {top_k}")
-    if image_format not in ("png", "jpeg"):
-        raise OptionError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    if image_format not in ("auto", "png", "jpeg", "webp"):
+        raise OptionError(f"image_format must be 'auto', 'png', 'jpeg' or 'webp', got {image_format!r}")
     names = [n for n in _layers(source.selections) if layers is None or n in layers]
     atlases = {n: build_atlas(source.selections, n) for n in names}
     report = ReportData(source, atlases, {}, _class_names(source, class_names), top_k, probe_rows,
@@ -128,6 +134,8 @@ def build_report(source: ResultsSource, *, model: nn.Module | None = None, data:
     acts = None
     if model is not None and data is not None:
         acts = collect_activations(model, names, data, output_fn=output_fn, class_means=INPUT in names)
+        if image_format == "auto":
+            report.image_format = _auto_format(data)
     else:
         report.notes.append("Per-unit panels are not drawn: they need the model and the data "
                             "(coreunits report finds them for reproduce and sweep folders).")
@@ -137,7 +145,7 @@ def build_report(source: ResultsSource, *, model: nn.Module | None = None, data:
             views = _pixel_views(acts, atlases[n], reps)
         elif acts is not None:
             views = _layer_views(model, data, acts, atlases[n], reps, top_k=top_k,  # type: ignore[arg-type]
-                                 probe_rows=probe_rows, output_fn=output_fn, fmt=image_format)
+                                 probe_rows=probe_rows, output_fn=output_fn, fmt=report.image_format)
         else:
             views = [ClassView(n, s.target_class, s, [UnitView(u, None if s.gates is None else s.gates[u], None, None,
                                                               atlases[n].sharing[u], [], []) for u in s.units],
@@ -183,7 +191,7 @@ def _views_json(report: ReportData) -> list[dict[str, Any]]:
 def write_html_report(results: str | Path, out: str | Path | None = None, *, model: nn.Module | None = None,
                       data: Any = None, class_names: Sequence[str] | None = None, top_k: int = 6,
                       probe_rows: int | None = 1024, output_fn: OutputFn | None = None,
-                      image_format: str = "png", title: str | None = None) -> Path:
+                      image_format: str = "auto", title: str | None = None) -> Path:
     """Write ``report.html``, ``atlas.json`` and ``atlas.csv`` for the results under ``results``.
 
     Args:
@@ -194,7 +202,7 @@ def write_html_report(results: str | Path, out: str | Path | None = None, *, mod
             atlas only. The model is left as it was.
         top_k: inputs shown per unit and row.
         probe_rows: necessity is judged on this many inputs of each D'_c (a seeded subset; None: all).
-        image_format: ``"png"`` or ``"jpeg"`` (smaller for photos).
+        image_format: ``"png"``, ``"jpeg"``, ``"webp"``, or ``"auto"``: PNG for grey inputs, JPEG for colour.
 
     Returns:
         The path of the page.

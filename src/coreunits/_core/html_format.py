@@ -31,6 +31,8 @@ table.grid td{width:15px;height:15px;padding:0;text-align:center;font-size:9px;b
 table.grid th{font-size:9px;font-weight:normal;padding:0 4px 0 0;white-space:nowrap}
 table.grid th.col{writing-mode:vertical-rl;transform:rotate(180deg);padding:2px 0;height:auto}
 table.heat td{width:34px;height:22px;padding:0;text-align:center;font-size:10px;border:1px solid #fff}
+table.heat th{font-size:11px;font-weight:normal;padding:0 4px 0 0;white-space:nowrap}
+table.heat th.col{writing-mode:vertical-rl;transform:rotate(180deg);padding:2px 0}
 .scroll{overflow-x:auto;max-width:100%}.pix{display:inline-block;margin:0 10px 10px 0;font-size:12px}
 .legend span{display:inline-block;width:12px;height:12px;vertical-align:middle;margin:0 3px 0 8px}
 """
@@ -45,7 +47,7 @@ if(!(im.complete&&im.naturalWidth>0))n++});document.body.setAttribute('data-imag
 document.body.setAttribute('data-broken-images',String(n))});
 """
 
-_MIME = {"png": "image/png", "jpeg": "image/jpeg"}
+_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def _e(x: object) -> str:
@@ -85,9 +87,10 @@ def _header(report: ReportData, title: str | None) -> list[str]:
         probe = "all of D'_c" if report.probe_rows is None else f"a seeded probe of up to {report.probe_rows} inputs of D'_c"
         out.append(f"<p class='muted'>Per unit: the top {report.top_k} inputs of D'_c by the unit's peak response "
                    f"(upper row) and the top {report.top_k} inputs predicted as the class (lower row), the unit's "
-                   "activation map overlaid (black-red-yellow, one scale per unit); necessity = strict holding rate "
-                   f"of the core set minus that without the unit, judged on {probe}. Panels show each class's "
-                   "first run (lowest seed).</p>")
+                   "activation map overlaid (red = weak, yellow = strong, one scale per unit); necessity = holding "
+                   f"rate of the core set minus that without the unit, judged on {probe} (negative: the set holds "
+                   "better without it); classes keeping = classes whose core set (units kept in at least half of "
+                   "their runs) has the unit. Panels show each class's first run (lowest seed).</p>")
     out += [f"<p class='note'>{_e(n)}</p>" for n in report.notes]
     classes = sorted({c for _, c in report.classes})
     out.append("<nav><a href='#atlas'>Atlas</a>" + "".join(f"<a href='#class-{c}'>{_e(_name(report, c))}</a>"
@@ -115,7 +118,7 @@ def _matrix(report: ReportData, a: LayerAtlas) -> list[str]:
 
 
 def _heatmap(report: ReportData, a: LayerAtlas) -> list[str]:
-    head = "".join(f"<th>{_e(report.class_names.get(c, c))}</th>" for c in a.classes)
+    head = "".join(f"<th class='col'>{_e(report.class_names.get(c, c))}</th>" for c in a.classes)
     rows = [f"<tr><th>{_e(_name(report, c))}</th>" + "".join(
         f"<td style='background:{_mix(v, (49, 130, 189))};color:{'#fff' if v > 0.6 else '#222'}'>{v:.2f}</td>"
         for v in row) + "</tr>" for c, row in zip(a.classes, a.jaccard)]
@@ -178,7 +181,9 @@ def _class_layer(report: ReportData, v: ClassView) -> list[str]:
               f"{v.dprime_size} inputs of D'_c" if v.judged_rows else "")
     out = [(f"<h4>{_e(v.layer)}: {len(s.units)} of {total} units (run {s.run}, seed {s.seed}"
            f"{', positives-only D&#x27;_c' if s.positives_only else ''})</h4>"), f"<p class='muted'>{rec}{judged}</p>"]
-    if v.layer == INPUT or not v.units:
+    if v.layer == INPUT:
+        return [*out, f"<p class='muted'>Its pixel map is in the <a href='#atlas-{_e(v.layer)}'>atlas</a>.</p>"]
+    if not v.units:
         return out
     heads = ["unit", "gate", "necessity (strict)", "necessity (paper)", "classes keeping"]
     th = "".join(f"<th class='sort'>{h}</th>" for h in heads)

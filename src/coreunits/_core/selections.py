@@ -147,7 +147,8 @@ def _find(files: list[Path], where: Path) -> ResultsSource:
     described = ""
     for path in files:
         d = _load(path)
-        if not (isinstance(d, dict) and {"target_class", "units", "total_units"} <= set(d)):
+        if not (isinstance(d, dict) and {"target_class", "units", "total_units"} <= set(d)
+                and isinstance(d["units"], dict)):
             continue
         found = _from_result(d, "find")
         multi += not found

@@ -74,13 +74,15 @@ def tile(rows: Sequence[Sequence[np.ndarray]], gap: int = 2, background: int = 2
 
 
 def encode(image: np.ndarray, fmt: str = "png") -> bytes:
-    """The image encoded as PNG or JPEG (quality 80) bytes."""
+    """The image encoded as PNG, JPEG (quality 75) or WebP (quality 70) bytes."""
     from PIL import Image
 
     buf = io.BytesIO()
     pil = Image.fromarray(image)
     if fmt == "jpeg":
-        pil.save(buf, format="JPEG", quality=80)
+        pil.save(buf, format="JPEG", quality=75)
+    elif fmt == "webp":
+        pil.save(buf, format="WEBP", quality=70, method=6)
     else:
         pil.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
