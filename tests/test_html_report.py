@@ -21,11 +21,11 @@ from coreunits.html_report import write_html_report
 
 
 class Tiny(nn.Module):
-    """conv (4 channels) -> relu -> pool -> flatten -> linear (3 classes), on 1x8x8 inputs."""
+    """conv (4 channels) -> relu -> pool -> flatten -> linear (3 classes), on 3x8x8 (colour) inputs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
@@ -50,7 +50,7 @@ def fixture_dir(tmp_path: Path) -> tuple[Path, nn.Module, torch.utils.data.Tenso
     """Selections of a tiny model (hand-made: the page does not care how they were found), its model and data."""
     torch.manual_seed(0)
     model = Tiny().eval()
-    x = torch.rand(90, 1, 8, 8)
+    x = torch.rand(90, 3, 8, 8)
     data = torch.utils.data.TensorDataset(x, torch.zeros(90, dtype=torch.long))
     with torch.no_grad():  # centre the scores so that every class is predicted for some inputs
         model.fc.bias -= model(x).median(0).values
@@ -99,7 +99,7 @@ def test_page_is_self_contained_and_leaves_the_model_untouched(fixture_dir) -> N
     assert page == folder / "report.html" and "id='atlas'" in text
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", text) and "<link" not in text  # nothing fetched
     images = re.findall(r"<img src=\"([^\"]+)\"", text)
-    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert images and all(re.match(r"data:image/(png|webp|jpeg);base64,", src) for src in images)
     atlas = json.loads((folder / "atlas.json").read_text())
     assert set(atlas["layers"]) == {"pool", "input"}
     pool = [v for v in atlas["classes"] if v["layer"] == "pool"]

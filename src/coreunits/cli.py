@@ -670,7 +670,8 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--probe-rows", type=int, default=1024,
                    help="inputs of D'_c that judge each unit's necessity (a seeded subset; default 1024)")
     p.add_argument("--image-format", choices=["auto", "png", "jpeg", "webp"], default="auto",
-                   help="thumbnails' format (default auto: PNG for grey inputs, JPEG for colour ones)")
+                   help="thumbnails' format (default auto: WebP where Pillow writes it, else JPEG for colour "
+                        "inputs and PNG for grey ones)")
     p.add_argument("--no-panels", action="store_true", help="the atlas only: no model, no data, no pass over them")
     p.add_argument("--title", default=None, help="the page's title")
     p.set_defaults(func=cmd_report)

@@ -111,7 +111,12 @@ def _pixel_views(acts: Activations | None, atlas: LayerAtlas, reps: list[Selecti
 
 
 def _auto_format(data: Any) -> str:
-    """PNG for grey inputs (crisp, small), JPEG for colour photos (PNG would be several times larger)."""
+    """WebP where Pillow can write it (a fifth to a sixth of PNG's bytes here, at no visible loss on 56-px
+    thumbnails), else JPEG for colour inputs and PNG for grey ones."""
+    from PIL import features
+
+    if features.check("webp"):
+        return "webp"
     first = gather_inputs(data, [0])
     return "jpeg" if first.dim() == 4 and first.shape[1] == 3 else "png"
 
@@ -202,7 +207,8 @@ def write_html_report(results: str | Path, out: str | Path | None = None, *, mod
             atlas only. The model is left as it was.
         top_k: inputs shown per unit and row.
         probe_rows: necessity is judged on this many inputs of each D'_c (a seeded subset; None: all).
-        image_format: ``"png"``, ``"jpeg"``, ``"webp"``, or ``"auto"``: PNG for grey inputs, JPEG for colour.
+        image_format: ``"png"``, ``"jpeg"``, ``"webp"``, or ``"auto"``: WebP where Pillow writes it, else
+            JPEG for colour inputs and PNG for grey ones.
 
     Returns:
         The path of the page.
