@@ -169,3 +169,21 @@ def test_report_opens_in_a_browser(fixture_dir, tmp_path: Path) -> None:  # type
     # Not just a background: a real share of the pixels is not the page's white.
     white = sum(n for n, c in (colours or []) if c == (255, 255, 255))
     assert colours is None or white < 0.97 * im.size[0] * im.size[1]
+
+
+def test_results_folders_read_as_selections() -> None:
+    """The committed reproduce and compare folders: every single-layer selection, runs numbered by seed."""
+    from helpers import REPO
+
+    from coreunits._core.selections import read_results
+
+    mnist = read_results(REPO / "results" / "mnist")
+    assert mnist.kind == "reproduce" and mnist.meta["dataset"] == "mnist" and not mnist.meta["quick"]
+    by_layer = {layer: [s for s in mnist.selections if s.layer == layer] for layer in ("max1", "max2", "input")}
+    assert len(by_layer["max1"]) == 50 and len(by_layer["max2"]) == 50 and len(by_layer["input"]) == 10
+    assert sorted(s.run for s in by_layer["max1"] if s.target_class == 3) == [1, 2, 3, 4, 5]
+    assert all(s.positives_only and s.unit_shape == (28, 28) for s in by_layer["input"])
+    assert mnist.multi_layer == 9  # Table 2's max1 + max2 selections
+    compare = read_results(REPO / "results" / "compare-mnist")
+    assert compare.kind == "compare" and compare.meta["method"] == "switch_gates"
+    assert {s.source for s in compare.selections} == {"compare:switch_gates"} and compare.meta["dataset"] == "mnist"

@@ -494,8 +494,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     _threads(args.threads)
     source = read_results(args.dir)
     model, data, names = (None, None, None) if args.no_panels else _report_inputs(args, source)
+    title = args.title
+    if title is None and source.kind == "reproduce":
+        from coreunits.report import SPECS
+
+        title = f"Core units of the paper's {SPECS[source.meta['dataset']]['title']} classifier"
     page = write_html_report(args.dir, args.out, model=model, data=data, class_names=names, top_k=args.top_k,
-                             probe_rows=args.probe_rows, image_format=args.image_format, title=args.title)
+                             probe_rows=args.probe_rows, image_format=args.image_format, title=title)
     size = page.stat().st_size
     print(f"wrote {page} ({size / 1e6:.1f} MB) and the atlas as JSON and CSV beside it")
     return 0
