@@ -187,3 +187,4 @@ def test_results_folders_read_as_selections() -> None:
     compare = read_results(REPO / "results" / "compare-mnist")
     assert compare.kind == "compare" and compare.meta["method"] == "switch_gates"
     assert {s.source for s in compare.selections} == {"compare:switch_gates"} and compare.meta["dataset"] == "mnist"
+    assert {s.seed for s in compare.selections} == {0}  # from its description

@@ -9,6 +9,7 @@ layers at once are counted and left out (the atlas is per layer).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,10 @@ def _compare(folder: Path) -> ResultsSource:
     records = [r for r in doc.get("records", []) if r.get("units") is not None]
     methods = sorted({r["method"] for r in records})
     method = "switch_gates" if "switch_gates" in methods else (methods[0] if methods else "")
-    sels = [Selection(layer=r["layer"], target_class=int(r["target_class"]), run=1, seed=0,
+    # compare draws every D'_c with its one --seed, which its description states ("...; seed 0; ...").
+    said = re.search(r"\bseed (\d+)", doc.get("description", ""))
+    seed = int(said.group(1)) if said else 0
+    sels = [Selection(layer=r["layer"], target_class=int(r["target_class"]), run=1, seed=seed,
                       units=tuple(int(u) for u in r["units"]), total_units=int(r["total_units"]),
                       holding_rate_strict=r.get("holding_rate") if r.get("reading", "strict") == "strict" else None,
                       holding_rate=r.get("holding_rate") if r.get("reading") == "paper" else None,
