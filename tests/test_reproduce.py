@@ -34,6 +34,8 @@ def test_reproduce_mnist_quick_end_to_end_and_resume(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "| class | run | paper holding % | paper units | ours holding % (paper)" in report
     assert "![Fig. 6a](fig6a.png)" in report
+    page = (out / "report.html").read_text()
+    assert "id='atlas-max1'" in page and "id='atlas-input'" in page and "id='class-1'" in page
 
     # Rerun: everything is resumed, nothing recomputed.
     assert main(args) == 0

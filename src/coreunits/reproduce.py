@@ -178,7 +178,8 @@ def run_dataset(
         device: where to select (e.g. ``"cuda"``); default the checkpoint's (CPU).
             The checkpoint's metadata may carry per-layer ``"coefficients"``
             that replace the paper's settings for that classifier.
-        html: also write ``report.html`` (atlas and per-unit panels; one more pass over the data).
+        html: also write ``report.html`` (atlas and per-unit panels; one more pass over the data), unless
+            this call computed nothing and the page is there.
 
     Returns:
         The gathered results (also written to ``out/results.json``).
@@ -241,7 +242,8 @@ def run_dataset(
                     "epochs": meta.get("epochs"), "seed": meta.get("seed")},
         runs=1 if quick else runs, quick=quick,
     )
-    if html:
+    # A rerun that computed nothing keeps its page (`coreunits report DIR` redraws it on demand).
+    if html and (todo or not (out / "report.html").is_file()):
         from coreunits.html_report import write_html_report
         from coreunits.report import SPECS
 
