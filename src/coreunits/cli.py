@@ -331,18 +331,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     tasks = plan(args.layer, classes, args.runs, args.seed)
     print(f"model: {loaded.description}\ndata:  {data.description}\n{len(tasks)} selections "
           f"({len(args.layer)} layers x {len(classes)} classes x {args.runs} runs) -> {out}", flush=True)
+    stamps = _stamps(out / "runs")
     records = run_sweep(loaded.model, data.dataset, tasks, out, identity=identity, options=options,
                         class_names=data.class_names, progress=not args.no_progress)
+    computed = _stamps(out / "runs") != stamps
     description = (f"Model {loaded.description}; data {data.description}; settings "
                    + ", ".join(f"{k}={v}" for k, v in options.items()) + f"; seeds {args.seed}..{args.seed + args.runs - 1}.")
     write_sweep_report(out, records, description=description, command=args.command_line,
                        wall=time.perf_counter() - t0)
-    if not args.no_html and any(r.get("holding_rate") is not None for r in records):
+    # A rerun that computed nothing keeps its page (`coreunits report DIR` redraws it on demand).
+    if not args.no_html and any(r.get("holding_rate") is not None for r in records) \
+            and (computed or not (out / "report.html").is_file()):
         _write_html(out, loaded.model, data.dataset, data.class_names)
     skipped = sum(1 for r in records if r.get("holding_rate") is None)
     print(f"{len(records) - skipped} selections done" + (f", {skipped} skipped (see report)" if skipped else "")
           + f"; wrote {out / 'report.md'}, sweep.json and sweep.csv")
     return 0
+
+
+def _stamps(folder: Path) -> dict[Path, int]:
+    """Modification times of a sweep's records: what a run wrote shows as a change."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*.json")} if folder.is_dir() else {}
 
 
 def _slug(spec: str) -> str:
