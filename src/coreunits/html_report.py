@@ -148,9 +148,9 @@ def build_report(source: ResultsSource, *, model: nn.Module | None = None, data:
         reps = _first_runs(source.selections, n)
         if n == INPUT:
             views = _pixel_views(acts, atlases[n], reps)
-        elif acts is not None:
-            views = _layer_views(model, data, acts, atlases[n], reps, top_k=top_k,  # type: ignore[arg-type]
-                                 probe_rows=probe_rows, output_fn=output_fn, fmt=report.image_format)
+        elif acts is not None and model is not None:
+            views = _layer_views(model, data, acts, atlases[n], reps, top_k=top_k, probe_rows=probe_rows,
+                                 output_fn=output_fn, fmt=report.image_format)
         else:
             views = [ClassView(n, s.target_class, s, [UnitView(u, None if s.gates is None else s.gates[u], None, None,
                                                               atlases[n].sharing[u], [], []) for u in s.units],
