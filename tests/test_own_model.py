@@ -8,7 +8,10 @@ model's decisions differ between classes and D'_c has positives and negatives.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,15 @@ from coreunits.cli import main
 from coreunits.sources import load_data, load_model, load_weights, model_classes, parse_normalize
 
 torchvision = pytest.importorskip("torchvision")
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The command in this process (``main``, stdout and stderr captured): what a user sees, without the 4 s of
+    imports a fresh process pays. test_cli runs the installed command in fresh processes."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return subprocess.CompletedProcess(["coreunits", *argv], code, out.getvalue(), err.getvalue())
+
 
 CLASSES = ("apple", "banana", "cherry")
 COLOURS = ((200, 40, 40), (220, 200, 50), (120, 20, 90))
@@ -89,9 +101,10 @@ def user_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _find(user_files: dict[str, Path], *extra: str, model: str = "torchvision:resnet18", out: str = "r.json",
-          layer: str = "layer3", setting: tuple[str, str] = ("--target", "0.99")) -> tuple[Any, dict[str, Any]]:
+          layer: str = "layer3", setting: tuple[str, str] = ("--target", "0.99"),
+          fresh_process: bool = False) -> tuple[Any, dict[str, Any]]:
     path = user_files["root"] / out
-    proc = _cli("find", "--model", model, "--model-kwargs", '{"num_classes": 3}', "--weights",
+    proc = (_cli if fresh_process else _run)("find", "--model", model, "--model-kwargs", '{"num_classes": 3}', "--weights",
                 str(user_files["weights"]), "--data", f"imagefolder:{user_files['folder']}", "--normalize", "none",
                 "--layer", layer, "--class", "1", *setting, "--out", str(path), "--no-progress", *extra)
     assert proc.returncode == 0, proc.stderr
@@ -100,7 +113,7 @@ def _find(user_files: dict[str, Path], *extra: str, model: str = "torchvision:re
 
 @pytest.fixture(scope="module")
 def found_by_name(user_files: dict[str, Path]) -> tuple[Any, dict[str, Any]]:
-    return _find(user_files)
+    return _find(user_files, fresh_process=True)
 
 
 @pytest.mark.slow
@@ -223,7 +236,7 @@ def test_torchscript_gates_the_input_only(user_files: dict[str, Path]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(model).save(str(path))
-    proc = _cli("find", "--model", str(path), "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3",
+    proc = _run("find", "--model", str(path), "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3",
                 "--class", "1")
     _assert_one_line_error(proc, "TorchScript", "--layer input")
     # One plain selection (the scripted model runs whole at every step, through hooks): seconds, not a minute.
@@ -251,15 +264,15 @@ def test_torchscript_gates_the_input_only(user_files: dict[str, Path]) -> None:
     ],
 )
 def test_bad_model_specs_get_one_line(argv: list[str], needles: list[str], tmp_path: Path) -> None:
-    proc = _cli("find", *argv, "--data", f"imagefolder:{tmp_path}", "--layer", "layer3", "--class", "0")
+    proc = _run("find", *argv, "--data", f"imagefolder:{tmp_path}", "--layer", "layer3", "--class", "0")
     _assert_one_line_error(proc, *needles)
 
 
 def test_weights_that_do_not_fit_name_the_keys(user_files: dict[str, Path]) -> None:
-    proc = _cli("find", "--model", "torchvision:resnet18", "--weights", str(user_files["weights"]), "--data",
+    proc = _run("find", "--model", "torchvision:resnet18", "--weights", str(user_files["weights"]), "--data",
                 f"imagefolder:{user_files['folder']}", "--layer", "layer3", "--class", "0")
     _assert_one_line_error(proc, "do not fit", "fc.weight", "(3, 512)", "(1000, 512)", "--model-kwargs")
-    proc = _cli("find", "--model", "torchvision:resnet34", "--model-kwargs", '{"num_classes": 3}', "--weights",
+    proc = _run("find", "--model", "torchvision:resnet34", "--model-kwargs", '{"num_classes": 3}', "--weights",
                 str(user_files["weights"]), "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3",
                 "--class", "0")
     _assert_one_line_error(proc, "missing keys", "layer1.2")
@@ -284,23 +297,23 @@ def test_an_empty_data_folder_and_an_unknown_layer_get_one_line(user_files: dict
     (tmp_path / "empty" / "a").mkdir(parents=True)
     base = ["--model", "torchvision:resnet18", "--model-kwargs", '{"num_classes": 3}', "--weights",
             str(user_files["weights"])]
-    proc = _cli("find", *base, "--data", f"imagefolder:{tmp_path / 'empty'}", "--layer", "layer3", "--class", "0")
+    proc = _run("find", *base, "--data", f"imagefolder:{tmp_path / 'empty'}", "--layer", "layer3", "--class", "0")
     _assert_one_line_error(proc, "no images", str(tmp_path / "empty"))
-    proc = _cli("find", *base, "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer9", "--class", "0")
+    proc = _run("find", *base, "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer9", "--class", "0")
     _assert_one_line_error(proc, "'layer9'", "'layer1'")
-    proc = _cli("find", *base, "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3", "--class", "kiwi")
+    proc = _run("find", *base, "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3", "--class", "kiwi")
     _assert_one_line_error(proc, "kiwi", "apple")
-    proc = _cli("find", *base, "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3", "--class", "3")
+    proc = _run("find", *base, "--data", f"imagefolder:{user_files['folder']}", "--layer", "layer3", "--class", "3")
     _assert_one_line_error(proc, "3 classes")
 
 
 def test_data_that_does_not_suit_the_model_gets_one_line(user_files: dict[str, Path]) -> None:
     folder = f"imagefolder:{user_files['folder']}"
     # The paper's MNIST net takes 1x28x28 digits, not 3x32x32 photos.
-    proc = _cli("find", "--model", "coreunits:mnist", "--data", folder, "--layer", "max1", "--class", "0")
+    proc = _run("find", "--model", "coreunits:mnist", "--data", folder, "--layer", "max1", "--class", "0")
     _assert_one_line_error(proc, "fails on the data", "(3, 32, 32)", "--image-size")
     # Four channels' normalisation for RGB images.
-    proc = _cli("find", "--model", "coreunits:mnist", "--data", folder, "--normalize", "0.5,0.5,0.5,0.5,1,1,1,1",
+    proc = _run("find", "--model", "coreunits:mnist", "--data", folder, "--normalize", "0.5,0.5,0.5,0.5,1,1,1,1",
                 "--layer", "max1", "--class", "0")
     _assert_one_line_error(proc, "cannot be prepared", "--normalize")
 
