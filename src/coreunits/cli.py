@@ -318,6 +318,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _check_coefficients(args)
     if args.runs < 1:
         raise OptionError(f"--runs must be >= 1, got {args.runs}")
+    if args.workers < 1:
+        raise OptionError(f"--workers must be >= 1, got {args.workers}")
     _threads(args.threads)
     t0 = time.perf_counter()
     loaded, data, num_classes = _user_inputs(args, args.layer)
@@ -333,7 +335,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"({len(args.layer)} layers x {len(classes)} classes x {args.runs} runs) -> {out}", flush=True)
     stamps = _stamps(out / "runs")
     records = run_sweep(loaded.model, data.dataset, tasks, out, identity=identity, options=options,
-                        class_names=data.class_names, progress=not args.no_progress)
+                        class_names=data.class_names, progress=not args.no_progress, workers=args.workers,
+                        ray_address=args.ray)
     computed = _stamps(out / "runs") != stamps
     description = (f"Model {loaded.description}; data {data.description}; settings "
                    + ", ".join(f"{k}={v}" for k, v in options.items()) + f"; seeds {args.seed}..{args.seed + args.runs - 1}.")
@@ -621,6 +624,10 @@ def _add_sweep(sub: Any) -> None:
     _add_selection(p)
     _add_target_options(p)
     p.add_argument("--out", default=None, help="output folder (default: results/sweep-<model>)")
+    p.add_argument("--workers", type=int, default=1, help="run the selections on a local Ray with this many "
+                   "workers (one thread each; needs coreunits[ray]); default 1: in this process")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="run on this Ray cluster instead (e.g. auto, "
+                   "ray://HEAD:10001); records are written here as tasks finish")
     _add_no_html(p)
     p.set_defaults(func=cmd_sweep)
 

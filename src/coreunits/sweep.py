@@ -28,7 +28,7 @@ from coreunits._core.result import fingerprint_of, read_record
 from coreunits._core.selection import find_core_units
 from coreunits.report import csv_text
 
-__all__ = ["SweepTask", "plan", "run_sweep", "write_sweep_report"]
+__all__ = ["SweepTask", "plan", "run_sweep", "select_task", "write_sweep_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,43 +74,65 @@ def _skipped(task: SweepTask, fingerprint: str, class_name: str | None, reason: 
             "class_name": class_name, "seed": task.seed, "holding_rate": None, "skipped": reason}
 
 
+def select_task(cache: ActivationCache, task: SweepTask, options: dict[str, Any], fingerprint: str,
+                class_name: str | None) -> dict[str, Any]:
+    """One task's record: its selection on ``cache``, or a skipped record where the data rule the class out."""
+    try:
+        result = find_core_units(cache.user_model, task.layer, task.target_class, cache, seed=task.seed,
+                                 progress=False, **options)
+        return _record(task, result, fingerprint, class_name)
+    except DataError as err:
+        logger.warning("layer %s class %d skipped: %s", task.layer, task.target_class, err)
+        return _skipped(task, fingerprint, class_name, str(err))
+
+
 def run_sweep(model: nn.Module, data: Any, tasks: Sequence[SweepTask], out: str | Path, *,
               identity: dict[str, Any], options: dict[str, Any], class_names: Sequence[str] | None = None,
-              progress: bool = True, batch_size: int = 256) -> list[dict[str, Any]]:
+              progress: bool = True, batch_size: int = 256, workers: int = 1,
+              ray_address: str | None = None) -> list[dict[str, Any]]:
     """Run (or resume) ``tasks`` on ``model`` and ``data``; one record per task, written to ``out/runs/``.
 
     Args:
         identity: what the records must match to be reused (model spec, weights hash, data, preprocessing).
         options: keyword settings of :func:`~coreunits.find_core_units` (e.g. ``target_holding_rate``).
         class_names: names of the classes, recorded beside the indices.
+        workers: above 1, the tasks run on a local Ray with that many workers (see :mod:`coreunits._core.ray_sweep`).
+        ray_address: run on this Ray cluster instead (e.g. ``"auto"`` or ``"ray://head:10001"``).
     """
     runs_dir = Path(out) / "runs"
-    records: list[dict[str, Any]] = []
-    caches: dict[str, ActivationCache] = {}
-    bar = progress_bar(total=len(tasks), enabled=progress, desc="sweep", unit="selection")
+    records: dict[SweepTask, dict[str, Any]] = {}
+    todo: list[tuple[SweepTask, str, str | None]] = []
     for task in tasks:
         name = class_names[task.target_class] if class_names and task.target_class < len(class_names) else None
         fingerprint = fingerprint_of({"identity": identity, "options": options, "task": task.__dict__})
-        path = runs_dir / task.key
-        record = read_record(path, fingerprint, required="layer")
+        record = read_record(runs_dir / task.key, fingerprint, required="layer")
         if record is None:
-            if task.layer not in caches:
-                caches.clear()  # one layer's activations at a time
-                caches[task.layer] = ActivationCache(model, task.layer, data, batch_size=batch_size,
-                                                     progress=progress)
-            try:
-                result = find_core_units(model, task.layer, task.target_class, caches[task.layer], seed=task.seed,
-                                         progress=False, **options)
-                record = _record(task, result, fingerprint, name)
-            except DataError as err:
-                logger.warning("layer %s class %d skipped: %s", task.layer, task.target_class, err)
-                record = _skipped(task, fingerprint, name, str(err))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, _json(record))
-        records.append(record)
+            todo.append((task, fingerprint, name))
+        else:
+            records[task] = record
+    bar = progress_bar(total=len(tasks), initial=len(records), enabled=progress, desc="sweep", unit="selection")
+
+    def save(task: SweepTask, record: dict[str, Any]) -> None:
+        # Written as each task finishes: an interrupted sweep keeps every finished record.
+        path = runs_dir / task.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, _json(record))
+        records[task] = record
         bar.update(1)
-    bar.close()
-    return records
+
+    with bar:
+        for layer in dict.fromkeys(t.layer for t, _, _ in todo):  # one layer's activations at a time
+            group = [item for item in todo if item[0].layer == layer]
+            cache = ActivationCache(model, layer, data, batch_size=batch_size, progress=progress)
+            if workers > 1 or ray_address is not None:
+                from coreunits._core.ray_sweep import run_on_ray
+
+                run_on_ray(cache, group, select_task, options, save, workers=workers, address=ray_address)
+            else:
+                for task, fingerprint, name in group:
+                    save(task, select_task(cache, task, options, fingerprint, name))
+            del cache
+    return [records[t] for t in tasks]
 
 
 def _json(obj: Any) -> str:

@@ -181,6 +181,23 @@ class ActivationCache:
     def _needs_inputs(self) -> bool:
         return self.frontier is None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The gated model holds traced graphs that do not unpickle (fx re-traces the gate's control flow):
+        # ship the model, the layers and the cached tensors, and split the model again where it lands.
+        state = self.__dict__.copy()
+        state["gated"] = (self.gated.engine, self.gated.fallback_reason)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        engine, reason = state.pop("gated")
+        self.__dict__.update(state)
+        self.gated = GatedModel(self.model, self.specs, self.output_fn, engine)
+        with preserved_model_state(self.model):
+            self.gated.probe(self.sample_inputs)
+        self.gated.fallback_reason = reason
+        # Version counters start again at 0 in an unpickled model.
+        self._fingerprint = _fingerprint(self.user_model)
+
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
