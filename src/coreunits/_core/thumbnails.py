@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CELL", "encode", "heat", "overlay", "tile", "to_rgb"]
+__all__ = ["CELL", "encode", "overlay", "tile", "to_rgb"]
 
 #: Side of one thumbnail in pixels (small inputs are enlarged by a whole factor, large ones shrunk).
 CELL = 56
@@ -35,12 +35,6 @@ def to_rgb(x: torch.Tensor) -> np.ndarray:
     t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
     t = F.interpolate(t[None], size=(_side(t.shape[1]), _side(t.shape[2])), mode="nearest")[0]
     return (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def heat(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] as a black-red-yellow-white colour scale, ``(..., 3)`` floats in [0, 1]."""
-    v = np.clip(v, 0.0, 1.0)
-    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
 
 
 def overlay(image: np.ndarray, amap: torch.Tensor | None, vmax: float) -> np.ndarray:
