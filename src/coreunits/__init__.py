@@ -26,12 +26,14 @@ from coreunits._core.evaluation import holding_rate, mask_units
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.result import CoreUnits
 from coreunits._core.selection import SelectionConfig, find_core_units
+from coreunits._core.specialist import ClassDetector, Specialist, export_specialist
 from coreunits._core.stability import Stability, stability
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "ClassDetector",
     "CoreUnits",
     "CoreUnitsError",
     "DataError",
@@ -41,8 +43,10 @@ __all__ = [
     "OptionError",
     "SelectionConfig",
     "SelectionProblem",
+    "Specialist",
     "Stability",
     "__version__",
+    "export_specialist",
     "find_core_units",
     "holding_rate",
     "mask_units",

@@ -518,6 +518,71 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _specialist_inputs(args: argparse.Namespace, layers: Sequence[str]) -> tuple[Any, Any, str]:
+    """(model, data, description of the data) for export: --model/--data, else the paper's net of --checkpoint."""
+    from coreunits.models import CifarNet
+    from coreunits.paper import cifar10_split, default_checkpoint
+    from coreunits.train import load_named_or
+
+    if args.model is not None or args.data is not None:
+        loaded, data, _ = _user_inputs(args, layers)
+        return loaded.model, data.dataset, data.description
+    ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint("mnist")
+    model = load_named_or(ckpt, "mnist")
+    if isinstance(model, CifarNet):
+        data = cifar10_split(args.data_root, train=args.split == "train")
+        return model, data, f"CIFAR-10 {args.split} ({len(data)})"
+    data, source = _mnist_data(args)
+    return model, data, source
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A class-c detector cut down to a result's core units (other channels of each gated conv, and the matching
+    inputs of the next layer, removed), written with torch.export; its parameters, FLOPs and holding rate on the
+    data's D'_c (default: the test split) against the full model."""
+    import json
+
+    import torch
+
+    from coreunits import CoreUnits
+    from coreunits._core.cache import iter_input_batches
+    from coreunits._core.io import atomic_write_text
+    from coreunits._core.specialist import count_flops, detector_holding_rate, export_specialist
+
+    out = Path(args.out)
+    if out.suffix != ".pt2":
+        raise OptionError(f"--out {args.out!r} must end in .pt2 (a torch.export program)")
+    try:
+        result = CoreUnits.load(args.result)
+    except (KeyError, TypeError, ValueError) as err:
+        raise OptionError(f"--result {args.result} is not a coreunits result ({_one_line(err)}); "
+                          "`coreunits find ... --out r.json` writes one") from None
+    _threads(args.threads)
+    model, data, source = _specialist_inputs(args, result.layers)
+    inputs = next(iter_input_batches(data, 1024))
+    specialist = export_specialist(model, result, inputs[:8], out, check_inputs=inputs)
+    held, size = detector_holding_rate(specialist.module, model, data, result.target_class, seed=args.seed)
+    flops, full_flops = count_flops(specialist.module, inputs[:1]), count_flops(model, inputs[:1])
+    params = sum(p.numel() for p in specialist.module.parameters())
+    full_params = sum(p.numel() for p in model.parameters())
+    record = {**specialist.to_dict(), "flops": flops, "full_flops": full_flops, "params": params,
+              "full_params": full_params, "holding_rate_strict": held, "dprime_size": size, "data": source,
+              "result": str(args.result), "torch": torch.__version__}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=1))
+    for cut in specialist.cuts:
+        what = [f"{cut.producer} output" if cut.producer else "", *[f"{c} input" for c in cut.consumers]]
+        print(f"{cut.layer}: {len(cut.kept)} of {cut.total} units; cut: {', '.join(w for w in what if w) or 'nothing'}")
+        for stop in cut.stops:
+            print(f"  {stop}")
+    if specialist.fallback:
+        print(f"not cut: {specialist.fallback}")
+    print(f"parameters {params:,} of {full_params:,} ({full_params / params:.1f}x fewer); FLOPs per input "
+          f"{flops:,} of {full_flops:,} ({full_flops / flops:.1f}x fewer)")
+    print(f"holding rate (strict, argmax == {result.target_class}) on D'_c of {source}: {held:.2%} of {size} inputs")
+    print(f"wrote {out} (torch.export), {out}.state_dict.pt and {out.with_suffix('.json')}")
+    return 0
+
+
 _SEED_HELP = "seed of D'_c's random negatives, its order and the gate noise (default 0)"
 _SPLIT_HELP = ("MNIST split D'_c is drawn from (default test: the split the bundled sample comes from, "
                "so a fallback run matches it; the paper optimises on train)")
@@ -698,6 +763,20 @@ def _add_report(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="a class-c detector physically cut down to a result's core units "
+                       "(torch.export), with its FLOPs and holding rate", description=cmd_export.__doc__)
+    _add_common(p)
+    p.add_argument("--result", required=True, help="a result JSON written by `coreunits find --out`")
+    p.add_argument("--out", required=True, help="the detector's torch.export file (.pt2); its state_dict and a JSON "
+                   "record go beside it")
+    p.add_argument("--split", choices=["train", "test"], default="test",
+                   help="split whose D'_c judges the detector (default test: held out from the selection)")
+    p.add_argument("--seed", type=int, default=0, help="seed of D'_c's random negatives (default 0)")
+    _add_model_data(p)
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``coreunits`` command."""
     parser = argparse.ArgumentParser(
@@ -705,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the core units of a trained classifier (switch gates + IBP-MAP objective).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_find, _add_sweep, _add_train, _add_reproduce, _add_compare, _add_report):
+    for add in (_add_demo, _add_find, _add_sweep, _add_train, _add_reproduce, _add_compare, _add_report,
+                _add_export):
         add(sub)
     return parser
 

@@ -59,17 +59,30 @@ def cifar10_data(data_root: str | None, quick: bool) -> tuple[TensorDataset, str
     Raises:
         MissingDataError: no data root given (``--data-root`` / ``$COREUNITS_DATA``).
     """
-    from coreunits.data import load_cifar10, resolve_data_root
-    from coreunits.train import cifar10_eval_transform
+    # The paper optimises on the training images, centrally cropped as for evaluation.
+    data = cifar10_split(data_root, train=not quick, limit=2000 if quick else None)
+    split = "test" if quick else "train"
+    return data, f"CIFAR-10 {split} ({len(data)}) from {resolve_data_root_or_fail(data_root)}"
+
+
+def resolve_data_root_or_fail(data_root: str | None) -> Path:
+    """The CIFAR-10 data root (``--data-root`` / ``$COREUNITS_DATA``); CIFAR-10 is never downloaded."""
+    from coreunits.data import resolve_data_root
 
     root = resolve_data_root(data_root)
     if root is None:
         raise MissingDataError("CIFAR-10 needs --data-root or $COREUNITS_DATA (it is not downloaded)")
-    # The paper optimises on the training images, centrally cropped as for evaluation.
-    raw = load_cifar10(root, train=not quick, limit=2000 if quick else None, progress=False)
+    return root
+
+
+def cifar10_split(data_root: str | None, train: bool, limit: int | None = None) -> TensorDataset:
+    """One CIFAR-10 split (its first ``limit`` images), centrally cropped to 24x24 as the CIFAR-10 net takes it."""
+    from coreunits.data import load_cifar10
+    from coreunits.train import cifar10_eval_transform
+
+    raw = load_cifar10(resolve_data_root_or_fail(data_root), train=train, limit=limit, progress=False)
     images = torch.cat([cifar10_eval_transform(x) for x in raw.tensors[0].split(5000)])
-    split = "test" if quick else "train"
-    return TensorDataset(images, raw.tensors[1]), f"CIFAR-10 {split} ({len(images)}) from {root}"
+    return TensorDataset(images, raw.tensors[1])
 
 #: (model, layer) -> alpha, lam and epochs used by the demo and the reproduction.
 COEFFICIENTS: dict[tuple[str, str], dict[str, float]] = {
