@@ -1,9 +1,12 @@
 """Class specialists against the full model, side by side: parameters, FLOPs, CPU latency, held-out holding.
 
     python benchmarks/specialists.py --data-root ../shared/data --dataset mnist [--out benchmarks/RESULTS.md]
-    python benchmarks/specialists.py --data-root ../shared/data --dataset cifar10 --target 0.97
+    python benchmarks/specialists.py --data-root ../shared/data --dataset cifar10 --alpha-scale 0.33
 
-For every class: the core units of max1 and max2 selected together in target mode on the training split
+For every class: the core units of max1 and max2 selected together on the training split (or a seeded random
+``--train-inputs`` of it), in target mode, or with ``--alpha-scale`` one selection at the paper's coefficients
+scaled (CIFAR-10: target mode with least-harm drops took 11 min per class here, max1 feeding a local response
+norm that has no batched path; gate-order drops on 10,000 images 7.5 min)
 (the call ``coreunits find --layer max1 --layer max2 --split train --target T`` makes; stored as
 ``results/specialists/<dataset>/c<class>.json`` and reused when present), the specialist cut from them
 (``coreunits.export_specialist``), written with torch.export and loaded back, then measured against the
@@ -60,28 +63,39 @@ def _data(dataset: str, root: str) -> tuple[torch.Tensor, torch.Tensor]:
     return cifar10_split(root, train=True).tensors[0], cifar10_split(root, train=False).tensors[0]
 
 
-def _result(model: nn.Module, train: torch.Tensor, c: int, target: float, dataset: str, folder: Path) -> CoreUnits:
+def _result(model: nn.Module, train: torch.Tensor, c: int, args: argparse.Namespace, target: float,
+            folder: Path) -> CoreUnits:
+    """The stored selection of class c, else a new one (saved): target mode, or scaled fixed coefficients."""
     path = folder / f"c{c}.json"
     if path.exists():
         return CoreUnits.load(path)
-    coef = coefficients(dataset, LAYERS)
-    r = find_core_units(model, LAYERS, c, train, seed=0, progress=False, target_holding_rate=target,
-                        alpha=coef["alpha"], lam=coef["lam"], epochs=int(coef["epochs"]), batch_size=128)
+    coef = coefficients(args.dataset, LAYERS)
+    scale = args.alpha_scale or 1.0
+    options: dict[str, Any] = {"alpha": {k: v * scale for k, v in coef["alpha"].items()}, "lam": coef["lam"] * scale}
+    if args.alpha_scale is None:
+        options.update(target_holding_rate=target, drop_order=args.drop_order)
+    r = find_core_units(model, LAYERS, c, train, seed=0, progress=False, epochs=int(coef["epochs"]), batch_size=128,
+                        **options)
     r.save(path)
     return r
 
 
-def _latency(full: nn.Module, special: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median seconds of one call of each, timed alternately so both see the same machine."""
+def _latency(full: nn.Module, special: nn.Module, x: torch.Tensor, rounds: int, calls: int = 10) -> tuple[float, float]:
+    """Median seconds per call of each model: rounds alternate between them, each round ``calls`` calls in a row.
+
+    Alternating rounds lets both see the same machine; calls in a row measure each model as it runs when deployed
+    alone (calls alternating one by one would have the full model evict the small one's weights from the caches).
+    """
     times: dict[int, list[float]] = {0: [], 1: []}
     with torch.inference_mode():
         for m in (full, special):
             m(x)  # warm-up
-        for _ in range(repeats):
+        for _ in range(rounds):
             for i, m in enumerate((full, special)):
                 t0 = time.perf_counter()
-                m(x)
-                times[i].append(time.perf_counter() - t0)
+                for _ in range(calls):
+                    m(x)
+                times[i].append((time.perf_counter() - t0) / calls)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -116,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
     p.add_argument("--classes", type=int, nargs="*", default=list(range(10)))
     p.add_argument("--target", type=float, default=None, help="strict holding rate on D'_c (mnist 0.995, cifar10 0.97)")
+    p.add_argument("--train-inputs", type=int, default=None,
+                   help="select on a seeded random subset of this many training inputs (default: all)")
+    p.add_argument("--drop-order", choices=["least_harm", "gate"], default="least_harm",
+                   help="target mode's drops (gate: one check per unit; least-harm drops through CIFAR-10's max1, "
+                        "which feeds a local response norm, ran over 10 min per class here)")
+    p.add_argument("--alpha-scale", type=float, default=None,
+                   help="instead of target mode, one selection with the paper's alpha and lam times this")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", type=Path, default=None)
@@ -124,27 +145,34 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_named_or(default_checkpoint(args.dataset), args.dataset).eval()
     train, test = _data(args.dataset, args.data_root)
+    if args.train_inputs is not None and args.train_inputs < len(train):
+        train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.train_inputs]]
     folder = Path(__file__).resolve().parents[1] / "results" / "specialists" / args.dataset
     full_flops, full_params = count_flops(model, test[:1]), sum(p.numel() for p in model.parameters())
     rows_out = []
     for c in args.classes:
-        r = _result(model, train, c, target, args.dataset, folder)
+        r = _result(model, train, c, args, target, folder)
         with tempfile.TemporaryDirectory() as tmp:
             spec = export_specialist(model, r, test[:8], Path(tmp) / "d.pt2", check_inputs=test[:1024])
             loaded = torch.export.load(Path(tmp) / "d.pt2").module()
         held = detector_holding_rate(loaded, model, test, c)
         full = ClassDetector(model, c)
         lat1 = _latency(full, loaded, test[:1], args.repeats)
-        lat256 = _latency(full, loaded, test[:256], args.repeats)
+        lat256 = _latency(full, loaded, test[:256], args.repeats, calls=2)
         torch.set_num_threads(1)  # one input on one core: where per-call overhead weighs most
         lat1_one_thread = _latency(full, loaded, test[:1], args.repeats)
+        # At a few channels per convolution oneDNN's per-call cost outweighs the arithmetic (torch.profiler: ~45 us
+        # per conv at batch 1 whatever the width); PyTorch's own convolution path is what such a model would use.
+        with torch.backends.mkldnn.flags(enabled=False):
+            lat1_plain = _latency(full, loaded, test[:1], args.repeats)
         torch.set_num_threads(args.threads)
         row: dict[str, Any] = {
             "class": c, "units": r.num_units, "holding_dprime_train": r.holding_rate_strict,
             "holding_heldout": held[0], "heldout_size": held[1],
             "params": sum(p.numel() for p in spec.module.parameters()), "full_params": full_params,
             "flops": count_flops(spec.module, test[:1]), "full_flops": full_flops,
-            "latency_b1": lat1, "latency_b256": lat256, "latency_b1_one_thread": lat1_one_thread, "pruned": spec.pruned, "fallback": spec.fallback,
+            "latency_b1": lat1, "latency_b256": lat256, "latency_b1_one_thread": lat1_one_thread,
+            "latency_b1_one_thread_no_onednn": lat1_plain, "pruned": spec.pruned, "fallback": spec.fallback,
             "stops": [s for cut in spec.cuts for s in cut.stops],
         }
         magnitude = _magnitude_units(model, test[:1], r.num_units)
@@ -156,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"class {c}: units {r.num_units}, held-out {row['holding_heldout']:.4f} "
               f"(magnitude {row.get('holding_heldout_magnitude', float('nan')):.4f}), "
               f"FLOPs x{full_flops / row['flops']:.1f}, latency b1 x{lat1[0] / lat1[1]:.2f} "
-              f"(1 thread x{lat1_one_thread[0] / lat1_one_thread[1]:.2f}), "
+              f"(1 thread x{lat1_one_thread[0] / lat1_one_thread[1]:.2f}, "
+              f"without oneDNN x{lat1_plain[0] / lat1_plain[1]:.2f}), "
               f"b256 x{lat256[0] / lat256[1]:.2f}", flush=True)
     atomic_write_text(folder / "specialists.json", json.dumps(rows_out, indent=1))
     if args.out:
@@ -166,15 +195,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(args: argparse.Namespace, target: float, rows: list[dict[str, Any]]) -> list[str]:
     cmd = f"python benchmarks/specialists.py --data-root ../shared/data --dataset {args.dataset} --target {target}"
-    lines = [f"## Class specialists, {args.dataset} (max1 + max2 core units at {target:.1%} strict on train D'_c)", "",
-             f"`{cmd}` ({args.threads} threads, {os.cpu_count()} CPUs; latency: median of {args.repeats} alternate "
-             "calls of the full model's and the loaded torch.export specialist's class-c decision). Held-out: the "
+    if args.train_inputs is not None:
+        cmd += f" --train-inputs {args.train_inputs}"
+    if args.drop_order != "least_harm":
+        cmd += f" --drop-order {args.drop_order}"
+    if args.alpha_scale is not None:
+        cmd += f" --alpha-scale {args.alpha_scale}"
+    how = (f"at {target:.1%} strict on train D'_c" if args.alpha_scale is None
+           else f"the paper's coefficients x {args.alpha_scale}")
+    lines = [f"## Class specialists, {args.dataset} (max1 + max2 core units, {how})", "",
+             f"`{cmd}` ({args.threads} threads, {os.cpu_count()} CPUs; latency: the median per call over {args.repeats} "
+             "alternating rounds of the full model's and the loaded torch.export specialist's class-c decision, each "
+             "round 10 calls in a row at batch 1 and 2 at batch 256; \"without oneDNN\": both models under "
+             "`torch.backends.mkldnn.flags(enabled=False)`). Held-out: the "
              "test split's D'_c. Magnitude: the same channel counts ranked by Torch-Pruning's "
              "GroupMagnitudeImportance (p=2), cut the same way.", "",
              "| class | max1 | max2 | held-out holding | magnitude's held-out holding | params ratio | FLOPs ratio "
-             f"| latency ratio, batch 1, 1 thread | latency ratio, batch 1, {args.threads} threads "
+             "| latency ratio, batch 1, 1 thread | latency ratio, batch 1, 1 thread, without oneDNN "
+             f"| latency ratio, batch 1, {args.threads} threads "
              f"| latency ratio, batch 256, {args.threads} threads |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mag = r.get("holding_heldout_magnitude")
         lines.append(
@@ -182,6 +222,7 @@ def _table(args: argparse.Namespace, target: float, rows: list[dict[str, Any]]) 
             f"{'' if mag is None else f'{mag:.2%}'} | {r['full_params'] / r['params']:.1f}x | "
             f"{r['full_flops'] / r['flops']:.1f}x | "
             f"{r['latency_b1_one_thread'][0] / r['latency_b1_one_thread'][1]:.2f}x | "
+            f"{r['latency_b1_one_thread_no_onednn'][0] / r['latency_b1_one_thread_no_onednn'][1]:.2f}x | "
             f"{r['latency_b1'][0] / r['latency_b1'][1]:.2f}x | "
             f"{r['latency_b256'][0] / r['latency_b256'][1]:.2f}x |")
     return lines

@@ -110,6 +110,11 @@ def test_residual_blocks_stop_the_walks_and_stay_exact() -> None:
     expected = _masked_scores(net, units, {"layer1": 64, "layer2.0.conv1": 128, "layer2.1.relu": 128}, x)
     with torch.no_grad():
         assert torch.allclose(spec.module.body(x), expected, atol=1e-4)
+    # Where nothing can be cut, the detector is the masked model at full size, and the result says why.
+    alone = export_specialist(net, {"layer1": units["layer1"]}, x[:2], target_class=0)
+    assert not alone.pruned and alone.fallback is not None and "feeds 2 operations" in alone.fallback
+    only = _masked_scores(net, {"layer1": units["layer1"]}, {"layer1": 64}, x)
+    assert torch.equal(alone.module(x), only.argmax(1) == 0)
 
 
 class _Untraceable(nn.Module):

@@ -19,8 +19,9 @@ and the kept units are gathered from it; downstream, the kept units are put
 back into a zero tensor of the full width. Each such stop is recorded as a
 one-line reason. A layer whose units are not channels or features (input
 positions, a module called more than once) is masked in the graph instead,
-and a model that ``torch.fx`` cannot trace becomes a masked copy (hooks), said
-in :attr:`Specialist.fallback`. The result is always checked against the
+and a model that ``torch.fx`` cannot trace, or one where no module could be
+cut, becomes a masked copy at full size (hooks), said in
+:attr:`Specialist.fallback`. The result is always checked against the
 masked model on example inputs; if their scores disagree, the masked copy is
 used and the disagreement is stated.
 
@@ -533,6 +534,10 @@ def build_specialist(
         body = gm.eval()
         diff = float((body(checks) - reference).abs().max())
         scale = float(reference.abs().max()) or 1.0
+    if not any(cut.producer or cut.consumers for cut in cuts):
+        reason = "no module could be cut: " + "; ".join(f"{cut.layer}: {stop}" for cut in cuts for stop in cut.stops)
+        log.warning("specialist: %s; exporting the masked model at full size", reason)
+        return Specialist(ClassDetector(masked, c), c, cuts, reason, 0.0)
     if diff > atol * max(scale, 1.0):
         reason = (f"the cut model's scores differ from the masked model's by {diff:.3g} (a graph the cutter "
                   "misread); exporting the masked model at full size")
