@@ -94,6 +94,27 @@ def test_toggles_on_a_probe_equal_judging_each_mask_on_the_probe(problem: Select
         assert got[0] == pytest.approx(alone[0], abs=1e-6) and got[1] == pytest.approx(alone[1], rel=1e-4, abs=1e-5)
 
 
+def test_paper_reading_toggles_equal_judging_each_mask_alone(problem: SelectionProblem) -> None:
+    # The paper reading refits w_b per mask: the batched pass must give each mask's own refit.
+    problem.reading = "paper"
+    assert problem.batched_toggles
+    k = problem.num_units
+    probe = torch.randperm(len(problem.rows), generator=torch.Generator().manual_seed(3))[:211]
+    for mask in _masks(k)[:3]:
+        every = list(range(k))
+        batched = problem.toggle_rates(mask, every, chunk=97)
+        on_probe = problem.toggle_rates(mask, every, positions=probe, chunk=64)
+        for j in every:
+            for got, alone in ((batched[j], problem._toggle_rate(mask, j, None)),
+                               (on_probe[j], problem._toggle_rate(mask, j, None, problem.rows[probe]))):
+                assert got is not None and alone is not None
+                assert got[0] == pytest.approx(alone[0], abs=1e-6), (mask.tolist(), j)
+                assert got[1] == pytest.approx(alone[1], rel=1e-4, abs=1e-5)
+        target = sorted(r[0] for r in batched.values() if r is not None)[k // 2]
+        for j, score in problem.toggle_rates(mask, every, target).items():
+            assert (score is None) == (batched[j][0] < target)  # type: ignore[index]
+
+
 def test_a_given_up_candidate_misses_the_target(problem: SelectionProblem) -> None:
     mask = torch.ones(problem.num_units, dtype=torch.bool)
     full = problem.toggle_rates(mask, list(range(problem.num_units)))
