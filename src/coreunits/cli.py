@@ -435,9 +435,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                    progress=not args.no_progress, tag=tag, compute=not args.report_only)
     description = (f"Classifier {ckpt.name}; D'_c from {source}; held-out D'_c from {held_source}; "
                    f"{args.reading} holding rate; seed {args.seed}; {torch.get_num_threads()} CPU threads.")
-    command = ("coreunits compare " + dataset + " --layers " + " ".join(args.layers) + " --classes "
-               + " ".join(map(str, args.classes)) + f" --target {args.target}"
-               + (" --methods " + " ".join(args.methods) if args.methods else ""))
+    # Every option that changes a record, so the line reproduces the report (data and threads aside).
+    command = ("coreunits compare " + dataset + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+               + " --layers " + " ".join(args.layers) + " --classes " + " ".join(map(str, args.classes))
+               + f" --target {args.target}" + (f" --reading {args.reading}" if args.reading != "strict" else "")
+               + (f" --seed {args.seed}" if args.seed else "")
+               + (" --methods " + " ".join(args.methods) if args.methods else "")
+               + (f" --out {args.out}" if args.out else ""))
     if args.report_only:
         description += (f" Report of the stored records only: {len(records)} of "
                         f"{len(args.layers) * len(args.classes) * len(methods)} (layer, class, method) runs are done; "
