@@ -23,6 +23,7 @@ from coreunits._core.errors import (
     OptionError,
 )
 from coreunits._core.evaluation import holding_rate, mask_units
+from coreunits._core.layers import Heads, Neurons
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.result import CoreUnits
 from coreunits._core.selection import SelectionConfig, find_core_units
@@ -37,9 +38,11 @@ __all__ = [
     "CoreUnits",
     "CoreUnitsError",
     "DataError",
+    "Heads",
     "LayerNotFoundError",
     "MissingDataError",
     "ModelOutputError",
+    "Neurons",
     "OptionError",
     "SelectionConfig",
     "SelectionProblem",

@@ -669,7 +669,8 @@ def _add_find(sub: Any) -> None:
     _add_common(p)
     _add_model_data(p)
     p.add_argument("--layer", action="append", required=True,
-                   help=f"layer name (repeat for simultaneous selection); the bundled model's layers: {_LAYER_NAMES}")
+                   help=f"layer name (repeat for simultaneous selection), or heads:NAME[:H] / neurons:NAME for a "
+                   f"transformer's attention heads / MLP neurons; the bundled model's layers: {_LAYER_NAMES}")
     p.add_argument("--class", dest="target_class", required=True,
                    help="class of interest: an index of the model's output, or a class (folder) name of the data")
     p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)
@@ -685,8 +686,8 @@ def _add_sweep(sub: Any) -> None:
                        description=cmd_sweep.__doc__)
     _add_common(p)
     _add_model_data(p)
-    p.add_argument("--layer", action="append", required=True, help="layer name; repeat for more layers (one "
-                   "selection per layer)")
+    p.add_argument("--layer", action="append", required=True, help="layer name, or heads:NAME[:H] / neurons:NAME; "
+                   "repeat for more layers (one selection per layer)")
     p.add_argument("--classes", default="all", help="all, or a list of indices or class names (default: all)")
     p.add_argument("--runs", type=int, default=1, help="selections per (layer, class), seeds --seed, --seed+1, ...")
     p.add_argument("--split", choices=["train", "test"], default="test", help=_SPLIT_HELP)

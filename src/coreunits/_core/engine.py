@@ -25,7 +25,7 @@ from torch import fx, nn
 from coreunits._core.errors import CoreUnitsError, LayerNotFoundError, ModelOutputError, OptionError
 from coreunits._core.layers import INPUT, LayerSpec
 
-__all__ = ["GatedModel", "OutputFn", "apply_gate", "check_scores"]
+__all__ = ["GatedModel", "OutputFn", "apply_gate", "check_scores", "gate_tensor"]
 
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -41,7 +41,7 @@ def apply_gate(x: torch.Tensor, gate: torch.Tensor | None, spec: LayerSpec) -> t
         spec: the layer's unit layout.
     """
     assert spec.unit_dims is not None
-    return _gate_call(x, gate, spec.unit_dims, spec.unit_shape)
+    return gate_tensor(x, gate, spec.unit_dims, spec.unit_shape, spec.group_size)
 
 
 def check_scores(out: Any, batch: int, output_fn: OutputFn | None) -> torch.Tensor:
@@ -109,8 +109,9 @@ def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
     return dep
 
 
-def _gate_call(
-    x: torch.Tensor, gate: torch.Tensor | None, unit_dims: tuple[int, ...], unit_shape: tuple[int, ...]
+def gate_tensor(
+    x: torch.Tensor, gate: torch.Tensor | None, unit_dims: tuple[int, ...], unit_shape: tuple[int, ...],
+    group: int = 1,
 ) -> torch.Tensor:
     # Also inserted into fx graphs as a call_function node, hence plain arguments.
     if gate is None:
@@ -121,7 +122,10 @@ def _gate_call(
     shape = [gate.shape[0] if gate.dim() == 2 else 1] + [1] * (x.dim() - 1)
     for d, size in zip(unit_dims, unit_shape):
         shape[d] = size
-    return x * gate.reshape(shape).to(x.dtype)
+    g = gate.reshape(shape).to(x.dtype)
+    if group > 1:  # a unit is a block of adjacent features (a head): one gate value for each of them
+        g = g.repeat_interleave(group, dim=unit_dims[-1])
+    return x * g
 
 
 def _frontier(graph: fx.Graph, gated: dict[fx.Node, int]) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node]]:
@@ -282,7 +286,7 @@ class GatedModel:
 
     def _build_fx(self, x: torch.Tensor) -> None:
         """Split the traced model at the gated layers: frontier, prefix, suffix, then verify on ``x``."""
-        graph = trace_gated(self.model, {s.name for s in self.specs if s.name != INPUT})
+        graph = trace_gated(self.model, {s.module_path for s in self.specs if s.name != INPUT})
         gated = self._gated_nodes(graph)
         desc, roots, frontier = _frontier(graph, gated)
         prefix_gm = _prefix_module(self.model, graph, frontier)
@@ -308,7 +312,7 @@ class GatedModel:
             if spec.name == INPUT:
                 nodes = placeholders
             else:
-                nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == spec.name]
+                nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == spec.module_path]
             if len(nodes) != 1:
                 raise RuntimeError(f"layer {spec.name} appears {len(nodes)} times in the traced graph")
             gated[nodes[0]] = i
@@ -323,7 +327,7 @@ class GatedModel:
         env: dict[fx.Node, Any] = dict(front_in)
 
         def gate(value: fx.Node, node: fx.Node) -> fx.Node:
-            return suf.call_function(_gate_call, (value, gate_in[gated[node]], *self._layout(gated[node])))
+            return suf.call_function(gate_tensor, (value, gate_in[gated[node]], *self._layout(gated[node])))
 
         dep = _input_dependent(graph)
         for node in graph.nodes:
@@ -355,10 +359,10 @@ class GatedModel:
         if not torch.equal(check_scores(ref, x.shape[0], self.output_fn), check_scores(got, x.shape[0], self.output_fn)):
             raise RuntimeError("the fx split does not reproduce the model's scores exactly")
 
-    def _layout(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _layout(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         spec = self.specs[i]
         assert spec.unit_dims is not None
-        return spec.unit_dims, spec.unit_shape
+        return spec.unit_dims, spec.unit_shape, spec.group_size
 
     # ----------------------------------------------------------------- running
     @contextmanager

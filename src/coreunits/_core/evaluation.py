@@ -26,7 +26,7 @@ from coreunits._core.dprime import build_dprime, check_class
 from coreunits._core.engine import OutputFn, apply_gate
 from coreunits._core.errors import DataError, LayerNotFoundError, OptionError
 from coreunits._core.incremental import build_incremental
-from coreunits._core.layers import INPUT, LayerArg, LayerSpec, resolve_layers
+from coreunits._core.layers import INPUT, Heads, LayerArg, LayerSpec, Neurons, resolve_layers
 from coreunits._core.objective import center_margin, center_score, refit_w_b, strict_decision
 from coreunits._core.scoring import dense_masked_scores
 
@@ -143,7 +143,10 @@ def gates_from_masks(specs: Sequence[LayerSpec], masks: MaskArg, model: nn.Modul
     wanted = {s.name: s for s in resolve_layers(model, list(masks.keys()))}
     by_name = {}
     for key, value in masks.items():
-        name = key if isinstance(key, str) else next(n for n, s in wanted.items() if s.module is key)
+        if isinstance(key, (Neurons, Heads)):
+            name = key.key
+        else:
+            name = key if isinstance(key, str) else next(n for n, s in wanted.items() if s.module is key)
         by_name[name] = value
     known = {s.name for s in specs}
     extra = set(by_name) - known

@@ -298,6 +298,8 @@ def _build_incremental(cache: ActivationCache, layer: str) -> tuple[IncrementalC
         return None, f"needs the fx engine and cached activations (engine {cache.gated.engine}, cached {cache.cached})"
     if len(cache.specs) != 1 or layer == INPUT or cache.specs[0].name != layer:
         return None, "needs a cache of one hidden layer"
+    if cache.specs[0].last_dim:
+        return None, "units given as Neurons or Heads (features over all tokens) are judged through the network"
     assert cache.frontier is not None
     if len(cache.frontier) != 1:
         return None, "the layer's frontier holds more than one tensor (a branch around it)"

@@ -6,6 +6,14 @@ output along its unit dimensions: a channel (dim 1) of a 4-D ``(N, C, H, W)``
 output, a feature (last dim) of a 2-D output, and, for ``"input"``, one
 position of the input (every spatial position of an image, shared across its
 channels, or every feature of a flat input).
+
+Two wrappers name other units: :class:`Neurons` (the last dim's features, one
+unit over all tokens or positions: a transformer MLP's hidden neurons) and
+:class:`Heads` (an attention module's heads: the per-head slices of the
+concatenated head outputs before the output projection, one unit over all
+tokens). A group of features gated as one unit is how heads are declared for
+any model: ``Heads("name", num_heads=H)`` on a module whose output's last dim
+is the H heads' outputs side by side.
 """
 
 from __future__ import annotations
@@ -20,11 +28,52 @@ from torch import nn
 
 from coreunits._core.errors import LayerNotFoundError
 
-__all__ = ["INPUT", "LayerArg", "LayerSpec", "close_names", "default_unit_dims", "resolve_layers"]
+__all__ = ["INPUT", "Heads", "LayerArg", "LayerSpec", "Neurons", "close_names", "default_unit_dims",
+           "parse_layer", "resolve_layers"]
 
 INPUT = "input"
+NEURONS_PREFIX = "neurons:"
+HEADS_PREFIX = "heads:"
 
-LayerArg = str | nn.Module
+
+@dataclass(frozen=True)
+class Neurons:
+    """The features of a layer's last output dim, each one unit over all tokens/positions.
+
+    ``Neurons("blocks.3.mlp.act")``: the hidden neurons of a ViT block's MLP
+    (output ``(N, tokens, features)``), where the default would gate tokens.
+    Results are keyed by ``"neurons:<name>"``, which names it wherever a layer
+    name is accepted (``--layer neurons:NAME`` on the command line).
+    """
+
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{NEURONS_PREFIX}{self.name}"
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The attention heads of a module, each one unit over all tokens.
+
+    ``name`` is a timm ``Attention`` (ViT, DeiT, ...: its heads are gated where
+    they are concatenated, before ``proj``), or any module whose output's last
+    dim is ``num_heads`` head outputs side by side (then ``num_heads`` is
+    required): that is how heads are declared for other models. Results are
+    keyed by ``"heads:<name>"`` (``"heads:<name>:<num_heads>"`` when given),
+    which names it wherever a layer name is accepted.
+    """
+
+    name: str
+    num_heads: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{HEADS_PREFIX}{self.name}" + (f":{self.num_heads}" if self.num_heads is not None else "")
+
+
+LayerArg = str | nn.Module | Neurons | Heads
 
 
 @dataclass
@@ -38,6 +87,11 @@ class LayerSpec:
             ``None`` until the output's rank is known.
         unit_shape: sizes of those dims; the gate tensor has this shape.
         output_ndim: rank of the layer's output (batch included).
+        path: the module's name in ``model.named_modules()`` where it differs
+            from ``name`` (heads of a timm ``Attention`` are gated at its ``norm``).
+        last_dim: units along the output's last dim (:class:`Neurons`, :class:`Heads`).
+        groups: with ``last_dim``, that many units, each a block of adjacent
+            features (heads); None = one unit per feature.
     """
 
     name: str
@@ -45,6 +99,20 @@ class LayerSpec:
     unit_dims: tuple[int, ...] | None = None
     unit_shape: tuple[int, ...] = ()
     output_ndim: int = 0
+    path: str | None = None
+    last_dim: bool = False
+    groups: int | None = None
+    features: int = 0
+
+    @property
+    def module_path(self) -> str:
+        """The gated module's name in ``model.named_modules()``."""
+        return self.path or self.name
+
+    @property
+    def group_size(self) -> int:
+        """Features per unit along the unit dim (1 unless units are heads)."""
+        return self.features // self.groups if self.groups else 1
 
     @property
     def num_units(self) -> int:
@@ -59,7 +127,10 @@ class LayerSpec:
                 f"layer {self.name!r} outputs a tensor of shape {tuple(output_shape)}; "
                 "coreunits needs a batch dimension plus at least one unit dimension"
             )
-        dims = self.unit_dims if self.unit_dims is not None else default_unit_dims(self.name, ndim)
+        if self.last_dim:
+            dims: Sequence[int] = (ndim - 1,)
+        else:
+            dims = self.unit_dims if self.unit_dims is not None else default_unit_dims(self.name, ndim)
         for d in dims:
             if not 1 <= d < ndim:
                 raise LayerNotFoundError(
@@ -69,6 +140,14 @@ class LayerSpec:
         self.unit_dims = tuple(sorted(dims))
         self.unit_shape = tuple(int(output_shape[d]) for d in self.unit_dims)
         self.output_ndim = ndim
+        self.features = self.unit_shape[-1]
+        if self.groups:
+            if self.features % self.groups:
+                raise LayerNotFoundError(
+                    f"{self.name!r} outputs {self.features} features in its last dim, which do not split into "
+                    f"{self.groups} heads; pass num_heads that divides it"
+                )
+            self.unit_shape = (self.groups,)
 
 
 def default_unit_dims(name: str, ndim: int) -> tuple[int, ...]:
@@ -115,7 +194,7 @@ def resolve_layers(
         LayerNotFoundError: unknown name (with the closest names), a module that
             is not part of ``model``, the model itself, or a layer given twice.
     """
-    items: list[LayerArg] = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    items: list[LayerArg] = [layers] if isinstance(layers, (str, nn.Module, Neurons, Heads)) else list(layers)
     if not items:
         raise LayerNotFoundError("no layer given; pass a module name such as 'features.3', a module, or 'input'")
     named = dict(model.named_modules())
@@ -127,6 +206,11 @@ def resolve_layers(
     dims = None if unit_dim is None else ((unit_dim,) if isinstance(unit_dim, int) else tuple(unit_dim))
     specs: list[LayerSpec] = []
     for item in items:
+        if isinstance(item, str):
+            item = parse_layer(item)
+        if isinstance(item, (Neurons, Heads)):
+            specs.append(_unit_wrapper(item, named, names))
+            continue
         if isinstance(item, str):
             if item == INPUT:
                 specs.append(LayerSpec(INPUT, None, dims))
@@ -167,6 +251,51 @@ def resolve_layers(
             raise LayerNotFoundError(f"layer {s.name!r} is given twice; give each layer once")
         seen.add(s.name)
     return specs
+
+
+def parse_layer(text: str) -> str | Neurons | Heads:
+    """``"neurons:NAME"`` -> :class:`Neurons`, ``"heads:NAME[:H]"`` -> :class:`Heads`, any other name as it is."""
+    if text.startswith(NEURONS_PREFIX):
+        return Neurons(text[len(NEURONS_PREFIX):])
+    if text.startswith(HEADS_PREFIX):
+        name, _, count = text[len(HEADS_PREFIX):].partition(":")
+        if count and not count.isdigit():
+            raise LayerNotFoundError(f"{text!r}: the number of heads after the second ':' must be a whole number")
+        return Heads(name, int(count) if count else None)
+    return text
+
+
+def _named_module(name: str, named: dict[str, nn.Module], names: Sequence[str]) -> nn.Module:
+    if name not in named or name == "":
+        close = close_names(name, names)
+        hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else _listing(names)
+        raise LayerNotFoundError(
+            f"model has no layer named {name!r}.{hint} "
+            "Use a name from model.named_modules(), a module object, or 'input'."
+        )
+    return named[name]
+
+
+def _unit_wrapper(item: Neurons | Heads, named: dict[str, nn.Module], names: Sequence[str]) -> LayerSpec:
+    """The spec of ``Neurons(name)`` or ``Heads(name, num_heads)``."""
+    module = _named_module(item.name, named, names)
+    if isinstance(item, Neurons):
+        return LayerSpec(item.key, module, path=item.name, last_dim=True)
+    heads = item.num_heads
+    path = item.name
+    # timm's Attention concatenates its heads, applies ``norm`` (an Identity unless scale_norm) and then ``proj``:
+    # gating the output of ``norm`` gates each head's slice before the heads are mixed.
+    if heads is None and all(hasattr(module, a) for a in ("num_heads", "norm", "proj", "qkv")):
+        heads, path = int(module.num_heads), f"{item.name}.norm"  # type: ignore[arg-type]
+        module = module.norm  # type: ignore[assignment]
+    if heads is None:
+        raise LayerNotFoundError(
+            f"Heads({item.name!r}): a {type(module).__name__} is not an attention module coreunits knows "
+            "(timm's Attention); give num_heads, with a module whose output's last dim is the heads side by side"
+        )
+    if heads < 1:
+        raise LayerNotFoundError(f"Heads({item.name!r}): num_heads must be >= 1, got {heads}")
+    return LayerSpec(item.key, module, path=path, last_dim=True, groups=heads)
 
 
 def check_dtype_floating(t: torch.Tensor, what: str) -> None:

@@ -45,7 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from coreunits._core.cache import iter_input_batches
 from coreunits._core.dprime import build_dprime, check_class
-from coreunits._core.engine import apply_gate
+from coreunits._core.engine import apply_gate, gate_tensor
 from coreunits._core.errors import ModelOutputError, OptionError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.io import atomic_write_bytes, model_device
@@ -194,11 +194,8 @@ def _scatter_units(x: torch.Tensor, index: torch.Tensor, size: int, dim: int) ->
 
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor, unit_dims: tuple[int, ...],
-                unit_shape: tuple[int, ...]) -> torch.Tensor:
-    shape = [1] * x.dim()
-    for d, s in zip(unit_dims, unit_shape):
-        shape[d] = s
-    return x * mask.reshape(shape).to(x.dtype)
+                unit_shape: tuple[int, ...], group: int = 1) -> torch.Tensor:
+    return gate_tensor(x, mask, unit_dims, unit_shape, group)
 
 
 class _Tracer(fx.Tracer):
@@ -294,12 +291,14 @@ class _Cutter:
     def cut(self, spec: LayerSpec, kept: torch.Tensor) -> LayerCut:
         """Plan the cut of one layer (graph edits now, module edits in :meth:`apply`)."""
         record = LayerCut(spec.name, kept.tolist(), spec.num_units)
-        nodes = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == spec.name]
+        nodes = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == spec.module_path]
         dims = spec.unit_dims or ()
         ndim = len(_shape(nodes[0])) if len(nodes) == 1 else 0
-        if spec.name == INPUT or len(nodes) != 1 or len(dims) != 1 or dims[0] not in (1, ndim - 1):
+        if (spec.name == INPUT or len(nodes) != 1 or len(dims) != 1 or dims[0] not in (1, ndim - 1)
+                or spec.groups):
             why = ("the input's positions are not a layer's channels" if spec.name == INPUT else
                    f"{spec.name} runs {len(nodes)} times in the graph" if len(nodes) != 1 else
+                   "its units are heads, not single channels" if spec.groups else
                    "its units are neither channels (dim 1) nor features (last dim)")
             record.masked, record.stops = True, [f"masked, not cut: {why}"]
             self._mask(spec, kept, nodes)
@@ -314,8 +313,8 @@ class _Cutter:
         if spec.name == INPUT:
             nodes = [next(n for n in self.gm.graph.nodes if n.op == "placeholder")]
         for n in nodes:
-            self._insert_after(n, _apply_mask, mask.reshape(spec.unit_shape), (spec.unit_dims, spec.unit_shape),
-                               list(n.users))
+            self._insert_after(n, _apply_mask, mask.reshape(spec.unit_shape),
+                               (spec.unit_dims, spec.unit_shape, spec.group_size), list(n.users))
 
     def _upstream(self, node: fx.Node, kept: torch.Tensor, dim: int, record: LayerCut) -> fx.Node:
         """Cut the units' producer, or gather them where the walk stops; the node whose output is the kept units."""
@@ -482,7 +481,7 @@ def _masked_copy(model: nn.Module, specs: Sequence[LayerSpec], units: Mapping[st
             body.register_forward_pre_hook(
                 lambda _m, args, mask=mask, layout=layout: (apply_gate(args[0], mask.to(args[0]), layout), *args[1:]))
         else:
-            named[spec.name].register_forward_hook(
+            named[spec.module_path].register_forward_hook(
                 lambda _m, _i, out, mask=mask, layout=layout: apply_gate(out, mask.to(out), layout))
     return body
 
@@ -522,7 +521,7 @@ def build_specialist(
         reference = masked(checks)
         cuts = [LayerCut(s.name, sorted(int(i) for i in units[s.name]), s.num_units, masked=True) for s in specs]
         try:
-            gm = fx.GraphModule(work, _Tracer({s.name for s in specs}).trace(work))
+            gm = fx.GraphModule(work, _Tracer({s.module_path for s in specs}).trace(work))
         except Exception as err:  # noqa: BLE001 - any tracing failure means: use the masked copy
             reason = f"torch.fx cannot trace the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             log.warning("specialist: %s; exporting the masked model at full size", reason)

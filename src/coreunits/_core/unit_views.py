@@ -171,6 +171,8 @@ def layer_outputs(model: nn.Module, layer: str, inputs: torch.Tensor, batch_size
             t = outs[spec.name].float()
             flat = _per_unit(t, spec).cpu()
             rest = [t.shape[d] for d in range(1, t.dim()) if d not in (spec.unit_dims or ())]
+            if spec.groups:  # a head's features join its positions
+                rest = [spec.group_size, *rest]
             parts.append(flat.reshape(flat.shape[0], flat.shape[1], *rest))
     return torch.cat(parts)
 
