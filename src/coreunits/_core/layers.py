@@ -215,14 +215,7 @@ def resolve_layers(
             if item == INPUT:
                 specs.append(LayerSpec(INPUT, None, dims))
                 continue
-            if item not in named or item == "":
-                close = close_names(item, names)
-                hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else _listing(names)
-                raise LayerNotFoundError(
-                    f"model has no layer named {item!r}.{hint} "
-                    "Use a name from model.named_modules(), a module object, or 'input'."
-                )
-            specs.append(LayerSpec(item, named[item], dims))
+            specs.append(LayerSpec(item, _named_module(item, named, names), dims))
         elif isinstance(item, nn.Module):
             if item is model:
                 raise LayerNotFoundError(
