@@ -145,8 +145,10 @@ def gates_from_masks(specs: Sequence[LayerSpec], masks: MaskArg, model: nn.Modul
     for key, value in masks.items():
         if isinstance(key, (Neurons, Heads)):
             name = key.key
+        elif isinstance(key, str):
+            name = key
         else:
-            name = key if isinstance(key, str) else next(n for n, s in wanted.items() if s.module is key)
+            name = next(n for n, s in wanted.items() if s.module is key)
         by_name[name] = value
     known = {s.name for s in specs}
     extra = set(by_name) - known

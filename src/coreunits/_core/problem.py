@@ -308,11 +308,7 @@ class SelectionProblem:
                 else:
                     parts.append(evaluator.toggled_scores(self.rows[pos], mask, group))
             for j, scores in zip(group, torch.cat(parts, dim=1)):
-                rate = _holding_rates(scores, original, self.target_class, None).paper
-                m = decision_margin(scores, self.target_class)
-                signed = torch.where(original, m, -m)
-                keep = target is None or rate >= target
-                out[j] = (rate, float(F.logsigmoid(signed.double()).mean())) if keep else None
+                out[j] = self._judged(scores, original, target)
         return out
 
     def _contributions(self, evaluator: Any, build: bool) -> torch.Tensor | None:
@@ -354,12 +350,17 @@ class SelectionProblem:
             return None
         if rows is None:
             scores, original = self.scores(trial), self.original
-        m = decision_margin(scores, self.target_class)
-        signed = torch.where(original, m, -m)
+        return self._judged(scores, original, target)
+
+    def _judged(self, scores: torch.Tensor, original: torch.Tensor,
+                target: float | None) -> tuple[float, float] | None:
+        """(holding rate in this reading, mean log-sigmoid signed margin) of one mask's scores; None below ``target``."""
         rates = _holding_rates(scores, original, self.target_class, None)
         rate = rates.strict if self.reading == "strict" else rates.paper
         if target is not None and rate < target:
             return None
+        m = decision_margin(scores, self.target_class)
+        signed = torch.where(original, m, -m)
         return rate, float(F.logsigmoid(signed.double()).mean())
 
     def _check(self, mask: torch.Tensor) -> torch.Tensor:

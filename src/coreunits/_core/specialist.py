@@ -193,11 +193,6 @@ def _scatter_units(x: torch.Tensor, index: torch.Tensor, size: int, dim: int) ->
     return x.new_zeros(shape).index_copy(dim, index, x)
 
 
-def _apply_mask(x: torch.Tensor, mask: torch.Tensor, unit_dims: tuple[int, ...],
-                unit_shape: tuple[int, ...], group: int = 1) -> torch.Tensor:
-    return gate_tensor(x, mask, unit_dims, unit_shape, group)
-
-
 class _Tracer(fx.Tracer):
     """torch.nn's modules and the gated layers stay single nodes; everything else is traced through."""
 
@@ -313,7 +308,7 @@ class _Cutter:
         if spec.name == INPUT:
             nodes = [next(n for n in self.gm.graph.nodes if n.op == "placeholder")]
         for n in nodes:
-            self._insert_after(n, _apply_mask, mask.reshape(spec.unit_shape),
+            self._insert_after(n, gate_tensor, mask.reshape(spec.unit_shape),
                                (spec.unit_dims, spec.unit_shape, spec.group_size), list(n.users))
 
     def _upstream(self, node: fx.Node, kept: torch.Tensor, dim: int, record: LayerCut) -> fx.Node:
