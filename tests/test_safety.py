@@ -58,6 +58,9 @@ def test_model_state_identical_after_success(planted) -> None:
     find_core_units(model, "feat", 0, x, progress=False)
     find_core_units(model, "input", 0, x, progress=False, positives_only=True)
     holding_rate(model, {"feat": torch.ones(8, dtype=torch.bool)}, 0, x)
+    for ablation in ("mean", "resample"):
+        find_core_units(model, "feat", 0, x, progress=False, ablation=ablation, epochs=1, min_steps=10)
+        holding_rate(model, {"feat": torch.arange(8) < 4}, 0, x, ablation=ablation)
     with mask_units(model, {"feat": torch.ones(8, dtype=torch.bool)}):
         model(x[:2])
     assert_same_state(before, model_state(model))
@@ -226,6 +229,8 @@ def _entry_points(x: torch.Tensor) -> dict[str, Any]:
         "find_core_units": lambda m: find_core_units(m, "feat", 0, x, progress=False),
         "find_core_units_input": lambda m: find_core_units(m, "input", 0, x, progress=False, positives_only=True),
         "holding_rate": lambda m: holding_rate(m, on, 0, x),
+        "find_core_units_mean_ablation": lambda m: find_core_units(m, "feat", 0, x, progress=False, ablation="mean"),
+        "holding_rate_resample_ablation": lambda m: holding_rate(m, on, 0, x, ablation="resample"),
         "ActivationCache": lambda m: ActivationCache(m, "feat", x),
         "mask_units": masked_forward,
     }

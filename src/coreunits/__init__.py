@@ -13,6 +13,7 @@ Example:
     >>> result.units["max1"], result.holding_rate_strict
 """
 
+from coreunits._core.ablation import ABLATIONS
 from coreunits._core.cache import ActivationCache
 from coreunits._core.errors import (
     CoreUnitsError,
@@ -33,6 +34,7 @@ from coreunits._core.stability import Stability, stability
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABLATIONS",
     "ActivationCache",
     "ClassDetector",
     "CoreUnits",

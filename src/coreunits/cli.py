@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coreunits._core.ablation import ABLATIONS
 from coreunits._core.errors import CoreUnitsError, OptionError
 
 __all__ = ["CHECKPOINT_STEMS", "METHOD_NAMES", "MNIST_LAYERS", "build_parser", "main"]
 
 #: ``coreunits train`` model -> checkpoint file stem.
-CHECKPOINT_STEMS = {"mnist": "mnist_cnn", "cifar10": "cifar10_cnn", "mnist_mlp": "mnist_mlp"}
+CHECKPOINT_STEMS = {"mnist": "mnist_cnn", "cifar10": "cifar10_cnn", "mnist_mlp": "mnist_mlp", "mnist_vit": "mnist_vit"}
 
 #: What ``coreunits compare --methods`` accepts (captum_conductance runs only when named).
 METHOD_NAMES: tuple[str, ...] = (
@@ -207,7 +208,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         epochs=args.epochs if args.epochs is not None else int(coef["epochs"]),
         batch_size=args.batch_size, seed=args.seed,
         positives_only=args.positives_only, progress=not args.no_progress,
-        target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order,
+        target_holding_rate=args.target, reading=args.reading, drop_order=args.drop_order, ablation=args.ablation,
     )
     return _report_found(r, source, args.out, None if args.no_html else (model, data, None))
 
@@ -245,6 +246,8 @@ def _selection_options(args: argparse.Namespace) -> dict[str, Any]:
     """find_core_units settings for a user's model: target mode unless --alpha asks for fixed coefficients."""
     options: dict[str, Any] = {"batch_size": args.batch_size, "reading": args.reading,
                                "drop_order": args.drop_order, "positives_only": args.positives_only}
+    if args.ablation != "zero":  # absent for zero, so records stored before ablations existed stay valid
+        options["ablation"] = args.ablation
     for name in ("alpha", "lam", "epochs"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -373,8 +376,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "progress": not args.no_progress}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
-    if args.model == "mnist_mlp":
-        kwargs["model_name"] = "mnist_mlp"
+    if args.model in ("mnist_mlp", "mnist_vit"):
+        kwargs["model_name"] = args.model
     fn = train.train_cifar10 if args.model == "cifar10" else train.train_mnist
     meta = fn(**kwargs)
     print(f"test accuracy {100 * meta['test_accuracy']:.2f}% after {meta['epochs']} epochs; wrote {out}")
@@ -415,6 +418,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from coreunits._core.io import file_digest
     from coreunits.compare import compare_methods, default_methods, write_comparison_report
     from coreunits.paper import coefficients, default_checkpoint
+    from coreunits.sources import random_subset
     from coreunits.train import load_named_or
 
     _check_target(args.target)
@@ -425,21 +429,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(dataset)
     model = load_named_or(ckpt, dataset)
     data, source, heldout, held_source = _compare_data(dataset, args.data_root)
-    out = Path(args.out) if args.out else Path("results") / f"compare-{dataset}"
+    data, kept = random_subset(data, args.max_inputs, args.seed)
+    source += kept
+    out = Path(args.out) if args.out else Path("results") / (
+        f"compare-{dataset}" + ("" if args.ablation == "zero" else f"-{args.ablation}-ablation"))
     tag = file_digest(ckpt) + f"/{len(data)}"
     records = []
     for layer in args.layers:
         methods = default_methods(args.seed, coefficients(dataset, [layer]), args.methods)
         records += compare_methods(model, layer, args.classes, data, target=args.target, methods=methods,
                                    reading=args.reading, seed=args.seed, heldout_data=heldout, out=out,
-                                   progress=not args.no_progress, tag=tag, compute=not args.report_only)
+                                   progress=not args.no_progress, tag=tag, compute=not args.report_only,
+                                   ablation=args.ablation)
     description = (f"Classifier {ckpt.name}; D'_c from {source}; held-out D'_c from {held_source}; "
-                   f"{args.reading} holding rate; seed {args.seed}; {torch.get_num_threads()} CPU threads.")
+                   f"{args.reading} holding rate; {args.ablation} ablation; seed {args.seed}; "
+                   f"{torch.get_num_threads()} CPU threads.")
     # Every option that changes a record, so the line reproduces the report (data and threads aside).
     command = ("coreunits compare " + dataset + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
                + " --layers " + " ".join(args.layers) + " --classes " + " ".join(map(str, args.classes))
                + f" --target {args.target}" + (f" --reading {args.reading}" if args.reading != "strict" else "")
+               + (f" --ablation {args.ablation}" if args.ablation != "zero" else "")
                + (f" --seed {args.seed}" if args.seed else "")
+               + (f" --max-inputs {args.max_inputs}" if args.max_inputs is not None else "")
                + (" --methods " + " ".join(args.methods) if args.methods else "")
                + (f" --out {args.out}" if args.out else ""))
     if args.report_only:
@@ -608,6 +619,12 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help=_SEED_HELP)
 
 
+def _add_ablation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ablation", choices=list(ABLATIONS), default="zero",
+                   help="what a masked unit becomes: zero (the paper), its mean over the data (per position), or "
+                   "its value on another input of the data (resample) (default: zero)")
+
+
 def _add_no_html(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-html", action="store_true",
                    help="do not write report.html (the atlas and per-unit panels; one more pass over the data)")
@@ -631,7 +648,7 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("your own model and data (default: the paper's MNIST classifier and MNIST)")
     g.add_argument("--model", default=None,
                    help="torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, file.pt2 (torch.export), "
-                        "file.ts (TorchScript; --layer input only) or coreunits:mnist|mnist_mlp|cifar10")
+                        "file.ts (TorchScript; --layer input only) or coreunits:mnist|mnist_mlp|mnist_vit|cifar10")
     g.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help="keyword arguments of the model's builder, e.g. '{\"num_classes\": 3}'")
     g.add_argument("--weights", default=None, metavar="FILE",
@@ -659,6 +676,7 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
                         f"e.g. 0.995); default with --model: {DEFAULT_TARGET} unless --alpha is given")
     p.add_argument("--reading", choices=["strict", "paper"], default="strict",
                    help="holding-rate reading the target is judged in (default: strict)")
+    _add_ablation(p)
     p.add_argument("--drop-order", choices=["least_harm", "gate"], default="least_harm",
                    help="how --target drops units after calibration (default: least harm on a probe)")
 
@@ -707,9 +725,10 @@ def _add_train(sub: Any) -> None:
                        description=cmd_train.__doc__)
     _add_common(p)
     p.add_argument("model", choices=list(CHECKPOINT_STEMS),
-                   help="the paper's CNNs (mnist, cifar10) or a two-hidden-layer MLP on MNIST (mnist_mlp)")
+                   help="the paper's CNNs (mnist, cifar10), a two-hidden-layer MLP (mnist_mlp) or a small "
+                   "ViT (mnist_vit) on MNIST")
     p.add_argument("--out", default=None,
-                   help="checkpoint path (default: checkpoints/mnist_cnn.pt, cifar10_cnn.pt or mnist_mlp.pt)")
+                   help="checkpoint path (default: checkpoints/mnist_cnn.pt, cifar10_cnn.pt, mnist_mlp.pt or mnist_vit.pt)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")
     p.set_defaults(func=cmd_train)
@@ -739,6 +758,9 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="classes (default: 0..9)")
     p.add_argument("--target", type=float, default=0.995, help="holding rate to reach, in (0, 1] (default 0.995)")
     p.add_argument("--reading", choices=["strict", "paper"], default="strict")
+    _add_ablation(p)
+    p.add_argument("--max-inputs", type=int, default=None, metavar="N",
+                   help="D'_c from a seeded random N of the training split (default: all of it)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHOD_NAMES, metavar="METHOD",
                    help="methods to run (default: all but captum_conductance): " + ", ".join(METHOD_NAMES))
     p.add_argument("--seed", type=int, default=0, help=_SEED_HELP)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from coreunits._core.ablation import check_ablation
 from coreunits._core.cache import ActivationCache
 from coreunits._core.errors import DataError, OptionError
 from coreunits._core.io import atomic_write_text, save_figure
@@ -84,6 +85,11 @@ def default_methods(seed: int = 0, gate_options: dict[str, Any] | None = None,
     return methods
 
 
+def record_file(key: str) -> str:
+    """The file name of a record: its key, with the ':' of ``heads:``/``neurons:`` layers (not allowed on Windows) as '-'."""
+    return key.replace(":", "-") + ".json"
+
+
 def _probe_curve(problem: SelectionProblem, ranking: torch.Tensor) -> list[dict[str, float]]:
     rows = problem.rows[:CURVE_PROBE_ROWS]
     order = torch.argsort(ranking.flatten().float(), descending=True, stable=True)
@@ -116,6 +122,7 @@ def _run_method(method: Strategy, problem: SelectionProblem, target: float, held
         "method": method.name, "target": target, "reading": problem.reading,
         "units": res.units, "num_units": res.num_units, "total_units": problem.num_units,
         "holding_rate": res.holding_rate, "reached": (res.holding_rate or 0.0) >= target,
+        "ablation": problem.cache.ablation.mode,
         "seconds": res.seconds, "evaluations": res.evaluations,
         "dprime_size": len(problem.rows), "info": res.info,
     }
@@ -144,6 +151,7 @@ def compare_methods(
     progress: bool = True,
     tag: str = "",
     compute: bool = True,
+    ablation: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method on every class of one layer and judge them by the same holding rate.
 
@@ -163,6 +171,9 @@ def compare_methods(
         tag: what the model and data are (part of each record's fingerprint).
         compute: False: only gather the records stored in ``out`` (a report of a
             sweep still running or cut short); nothing is computed.
+        ablation: what a masked unit becomes (``"zero"``, ``"mean"``, ``"resample"``; see
+            ``coreunits._core.ablation``); None: the cache's, zero otherwise. The held-out
+            holding rate ablates with the held-out data's values.
 
     Returns:
         One record per (class, method): units, holding rate, held-out holding rate, seconds, curve.
@@ -171,25 +182,30 @@ def compare_methods(
 
     methods = list(methods) if methods is not None else default_methods(seed)
     held_n = heldout_data is not None and _num_inputs(heldout_data)
+    if isinstance(data, ActivationCache):
+        data.require_ablation(ablation)
+    mode = data.ablation.mode if isinstance(data, ActivationCache) else check_ablation(ablation or "zero")
 
     def identity(c: int, method: Strategy) -> tuple[str, str]:
-        # A stored record is reused only when everything that made it is the same.
-        key = f"{layer}_c{c}_{method.name}"
+        # A stored record is reused only when everything that made it is the same. Zero ablation
+        # adds nothing to the key, so records stored before ablations existed stay valid.
+        key = f"{layer}_c{c}_{method.name}" + ("" if mode == "zero" else f"_{mode}")
         return key, fingerprint_of([__version__, tag, repr(method), target, reading, seed, key, _num_inputs(data), held_n])
 
     if not compute:
         if out is None:
             raise OptionError("compute=False reads stored records: give out")
-        stored = (read_record(Path(out) / "runs" / f"{key}.json", fp)
+        stored = (read_record(Path(out) / "runs" / record_file(key), fp)
                   for key, fp in (identity(c, m) for c in classes for m in methods))
         return [r for r in stored if r is not None]
     needs_inputs = any(m.name.startswith("captum") for m in methods)
     cache = data if isinstance(data, ActivationCache) else ActivationCache(
-        model, layer, data, batch_size=1000, keep_inputs=needs_inputs)
+        model, layer, data, batch_size=1000, keep_inputs=needs_inputs, ablation=mode)
     held = None
     if heldout_data is not None:
         held = heldout_data if isinstance(heldout_data, ActivationCache) else ActivationCache(
-            model, layer, heldout_data, batch_size=1000)
+            model, layer, heldout_data, batch_size=1000, ablation=mode)
+        held.require_ablation(mode)
     runs_dir = Path(out) / "runs" if out is not None else None
     if runs_dir is not None:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +216,7 @@ def compare_methods(
             problem = SelectionProblem(cache, layer, c, seed=seed, reading=reading)
             for method in methods:
                 key, fingerprint = identity(c, method)
-                path = runs_dir / f"{key}.json" if runs_dir is not None else None
+                path = runs_dir / record_file(key) if runs_dir is not None else None
                 record = read_record(path, fingerprint) if path is not None else None
                 if record is None:
                     bar.set_postfix_str(key)

@@ -61,7 +61,7 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 #: torchvision's ImageNet mean and standard deviation (``--normalize imagenet``).
 IMAGENET_NORMALIZATION: Normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-_BUNDLED = ("mnist", "cifar10", "mnist_mlp")
+_BUNDLED = ("mnist", "cifar10", "mnist_mlp", "mnist_vit")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -229,7 +229,7 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None, weights: s
     else:
         raise OptionError(
             f"--model {spec!r} is not a model spec; use torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, "
-            "file.pt2 (torch.export), file.ts (TorchScript) or coreunits:mnist|cifar10|mnist_mlp"
+            "file.pt2 (torch.export), file.ts (TorchScript) or coreunits:mnist|cifar10|mnist_mlp|mnist_vit"
         )
     if weights is not None:
         load_weights(model, weights, spec)
@@ -421,16 +421,22 @@ def load_data(spec: str, *, split: str = "test", image_size: int | None = None,
     else:
         raise OptionError(f"--data {spec!r}: unknown kind {kind!r}; use imagefolder:DIR, mnist:ROOT, cifar10:ROOT "
                           "or torchvision:CLASS:ROOT")
-    size = len(loaded.dataset)  # type: ignore[arg-type]
-    if size == 0:
+    if len(loaded.dataset) == 0:  # type: ignore[arg-type]
         raise MissingDataError(f"{loaded.description} holds no inputs")
-    if max_inputs is not None and max_inputs < size:
-        if max_inputs < 1:
-            raise OptionError(f"--max-inputs must be >= 1, got {max_inputs}")
-        keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_inputs].sort().values
-        loaded.dataset = Subset(loaded.dataset, keep.tolist())
-        loaded.description += f"; a random {max_inputs} of them (seed {seed})"
+    loaded.dataset, note = random_subset(loaded.dataset, max_inputs, seed)
+    loaded.description += note
     return loaded
+
+
+def random_subset(dataset: Any, max_inputs: int | None, seed: int = 0) -> tuple[Any, str]:
+    """(a seeded random ``max_inputs`` of ``dataset``'s inputs, in their order, or all of it; what was kept, said)."""
+    size = len(dataset)
+    if max_inputs is None or max_inputs >= size:
+        return dataset, ""
+    if max_inputs < 1:
+        raise OptionError(f"--max-inputs must be >= 1, got {max_inputs}")
+    keep = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_inputs].sort().values
+    return Subset(dataset, keep.tolist()), f"; a random {max_inputs} of them (seed {seed})"
 
 
 def model_classes(model: nn.Module, dataset: Dataset[Any]) -> int:

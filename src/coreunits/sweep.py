@@ -123,7 +123,8 @@ def run_sweep(model: nn.Module, data: Any, tasks: Sequence[SweepTask], out: str 
     with bar:
         for layer in dict.fromkeys(t.layer for t, _, _ in todo):  # one layer's activations at a time
             group = [item for item in todo if item[0].layer == layer]
-            cache = ActivationCache(model, layer, data, batch_size=batch_size, progress=progress)
+            cache = ActivationCache(model, layer, data, batch_size=batch_size, progress=progress,
+                                    ablation=options.get("ablation") or "zero")
             if workers > 1 or ray_address is not None:
                 from coreunits._core.ray_sweep import run_on_ray
 

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from coreunits._core.ablation import Ablation, check_ablation
 from coreunits._core.engine import GatedModel, OutputFn, slice_frontier
-from coreunits._core.errors import DataError
+from coreunits._core.errors import DataError, OptionError
 from coreunits._core.guard import preserved_model_state
 from coreunits._core.io import model_device
 from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
@@ -94,6 +95,11 @@ class ActivationCache:
         keep_inputs: keep the inputs too, even when the activations are cached
             (for methods that run the whole model, e.g. captum's attributions).
         progress: show a progress bar.
+        ablation: what a masked unit becomes: ``"zero"`` (the paper), ``"mean"`` (its
+            mean over this data, per position) or ``"resample"`` (its value on another
+            input of this data); see ``coreunits._core.ablation``. Every selection and
+            holding rate on this cache uses it.
+        ablation_seed: seeds the resample pairing.
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class ActivationCache:
         cache_budget: int | None = None,
         progress: bool = False,
         keep_inputs: bool = False,
+        ablation: str = "zero",
+        ablation_seed: int = 0,
     ) -> None:
         self.user_model = model
         target = torch.device(device) if device is not None else model_device(model)
@@ -117,6 +125,7 @@ class ActivationCache:
         # Never move the user's model: work on a copy when another device is asked for.
         self.model = model if model_device(model) == target else copy.deepcopy(model).to(target)
         self.specs: list[LayerSpec] = resolve_layers(self.model, layers, unit_dim)
+        self.ablation = Ablation(ablation, self.specs, ablation_seed)
         self.output_fn = output_fn
         self.batch_size = batch_size
         self.budget = DEFAULT_CACHE_BUDGET if cache_budget is None else int(cache_budget)
@@ -145,9 +154,10 @@ class ActivationCache:
                 self.fallbacks["engine"] = f"forward hooks instead of the fx split: {self.gated.fallback_reason}"
             # A few real inputs, kept for building further splits of the model later.
             self.sample_inputs = first[:64].detach().to(self.device).clone()
-            with self.gated.activated():
+            with self.gated.activated(), self.ablation.recording(self.model) as record_inputs:
                 for x in itertools.chain([first], batches):
                     x = x.to(self.device).detach()
+                    record_inputs(x)
                     front = self.gated.prefix(x)
                     with torch.no_grad():
                         s = self.gated.suffix(front, [None] * len(self.specs))
@@ -166,6 +176,7 @@ class ActivationCache:
                             if not keep_front:
                                 fronts = []
                     bar.update(x.shape[0])
+        self.ablation.finish(self.budget)
         self.scores = torch.cat(scores)
         self.predictions = self.scores.argmax(dim=1)
         self.num_classes = int(self.scores.shape[1])
@@ -233,6 +244,21 @@ class ActivationCache:
         if _fingerprint(model) != self._fingerprint:
             raise DataError(
                 "the model's parameters changed since this ActivationCache was built; build a new one"
+            )
+
+    def suffix_scores(self, rows: torch.Tensor, gates: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Scores of the gated model on cache ``rows``, masked units ablated as this cache's ``ablation`` says.
+
+        Run inside ``self.gated.activated()``; the one way every selection and holding rate runs the suffix.
+        """
+        return self.gated.suffix(self.frontier_rows(rows), gates, self.ablation.rows(rows))
+
+    def require_ablation(self, ablation: str | None) -> None:
+        """Raise unless this cache ablates as ``ablation`` asks (None: any)."""
+        if ablation is not None and check_ablation(ablation) != self.ablation.mode:
+            raise OptionError(
+                f"the ActivationCache was built with ablation={self.ablation.mode!r}, not {ablation!r}; "
+                f"build one with ActivationCache(..., ablation={ablation!r})"
             )
 
     def frontier_rows(self, index: torch.Tensor) -> list[torch.Tensor]:

@@ -32,16 +32,18 @@ OutputFn = Callable[[Any], torch.Tensor]
 log = logging.getLogger(__name__)
 
 
-def apply_gate(x: torch.Tensor, gate: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
-    """Multiply ``x`` by ``gate`` along the spec's unit dims.
+def apply_gate(x: torch.Tensor, gate: torch.Tensor | None, spec: LayerSpec,
+               baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate ``x`` along the spec's unit dims: ``x * gate``, or ``x * gate + baseline * (1 - gate)``.
 
     Args:
         x: the layer output ``(N, ...)``.
         gate: ``None`` (no gating), ``(K,)`` shared by the batch, or ``(N, K)``.
         spec: the layer's unit layout.
+        baseline: what a closed gate leaves (``(1 or N, ...)`` like ``x``; None: zero), see ``_core.ablation``.
     """
     assert spec.unit_dims is not None
-    return gate_tensor(x, gate, spec.unit_dims, spec.unit_shape, spec.group_size)
+    return gate_tensor(x, gate, spec.unit_dims, spec.unit_shape, spec.group_size, baseline)
 
 
 def check_scores(out: Any, batch: int, output_fn: OutputFn | None) -> torch.Tensor:
@@ -111,7 +113,7 @@ def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
 
 def gate_tensor(
     x: torch.Tensor, gate: torch.Tensor | None, unit_dims: tuple[int, ...], unit_shape: tuple[int, ...],
-    group: int = 1,
+    group: int = 1, baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # Also inserted into fx graphs as a call_function node, hence plain arguments.
     if gate is None:
@@ -125,7 +127,10 @@ def gate_tensor(
     g = gate.reshape(shape).to(x.dtype)
     if group > 1:  # a unit is a block of adjacent features (a head): one gate value for each of them
         g = g.repeat_interleave(group, dim=unit_dims[-1])
-    return x * g
+    if baseline is None:
+        return x * g
+    # Not baseline + (x - baseline) * g: that is not exactly x where g = 1.
+    return x * g + baseline.to(x.dtype) * (1 - g)
 
 
 def _frontier(graph: fx.Graph, gated: dict[fx.Node, int]) -> tuple[set[fx.Node], list[fx.Node], list[fx.Node]]:
@@ -202,6 +207,7 @@ class GatedModel:
         self.engine = "hooks"
         self.fallback_reason: str | None = None
         self._gates: list[torch.Tensor | None] = [None] * len(self.specs)
+        self._baselines: list[torch.Tensor | None] = [None] * len(self.specs)
         self._prefix_gm: fx.GraphModule | None = None
         self._suffix_gm: fx.GraphModule | None = None
         self._clone_frontier: list[bool] = []
@@ -324,10 +330,12 @@ class GatedModel:
         suf = fx.Graph()
         front_in = {f: suf.placeholder(f"frontier_{k}") for k, f in enumerate(frontier)}
         gate_in = [suf.placeholder(f"gate_{i}") for i in range(len(self.specs))]
+        base_in = [suf.placeholder(f"baseline_{i}") for i in range(len(self.specs))]
         env: dict[fx.Node, Any] = dict(front_in)
 
         def gate(value: fx.Node, node: fx.Node) -> fx.Node:
-            return suf.call_function(gate_tensor, (value, gate_in[gated[node]], *self._layout(gated[node])))
+            i = gated[node]
+            return suf.call_function(gate_tensor, (value, gate_in[i], *self._layout(i), base_in[i]))
 
         dep = _input_dependent(graph)
         for node in graph.nodes:
@@ -355,7 +363,7 @@ class GatedModel:
                 if not isinstance(f, torch.Tensor) or f.dim() == 0 or f.shape[0] != x.shape[0]:
                     raise RuntimeError("the fx frontier holds a value that is not a per-example tensor")
             ref = self.model(x.clone())
-            got = suffix_gm(*front, *([None] * len(self.specs)))
+            got = suffix_gm(*front, *([None] * (2 * len(self.specs))))
         if not torch.equal(check_scores(ref, x.shape[0], self.output_fn), check_scores(got, x.shape[0], self.output_fn)):
             raise RuntimeError("the fx split does not reproduce the model's scores exactly")
 
@@ -388,7 +396,7 @@ class GatedModel:
         spec = self.specs[i]
 
         def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
-            return apply_gate(out, self._gates[i], spec)
+            return apply_gate(out, self._gates[i], spec, self._baselines[i])
 
         return hook
 
@@ -400,24 +408,30 @@ class GatedModel:
             front = self._prefix_gm(x.clone())  # the caller may keep x
         return front if isinstance(front, tuple) else (front,)
 
-    def suffix(self, frontier: Sequence[torch.Tensor], gates: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Scores ``(N, H)`` (float32) of the gated model from cached frontier tensors."""
+    def suffix(self, frontier: Sequence[torch.Tensor], gates: Sequence[torch.Tensor | None],
+               baselines: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Scores ``(N, H)`` (float32) of the gated model from cached frontier tensors.
+
+        ``baselines``: per gated layer, what its closed gates leave (None: zero; see ``_core.ablation``).
+        """
         if self._depth == 0:
             raise RuntimeError("GatedModel.suffix must run inside GatedModel.activated()")
         batch = frontier[0].shape[0]
+        bases: list[torch.Tensor | None] = list(baselines) if baselines is not None else [None] * len(self.specs)
         if self._suffix_gm is not None:
             front = [f.clone() if c else f for f, c in zip(frontier, self._clone_frontier)]
-            out = self._suffix_gm(*front, *gates)
+            out = self._suffix_gm(*front, *gates, *bases)
         else:
             x = frontier[0].clone()  # the cached input: the forward may modify it in place
-            self._gates = list(gates)
+            self._gates, self._baselines = list(gates), bases
             for i, spec in enumerate(self.specs):
                 if spec.name == INPUT:
-                    x = apply_gate(x, gates[i], spec)
+                    x = apply_gate(x, gates[i], spec, bases[i])
             try:
                 out = self.model(x)
             finally:
                 self._gates = [None] * len(self.specs)
+                self._baselines = [None] * len(self.specs)
         return check_scores(out, batch, self.output_fn)
 
 

@@ -180,6 +180,7 @@ def holding_rate(
     output_fn: OutputFn | None = None,
     device: str | torch.device | None = None,
     unit_dim: int | Sequence[int] | None = None,
+    ablation: str | None = None,
 ) -> float:
     """Share of inputs whose binary decision for ``target_class`` a hard mask leaves unchanged.
 
@@ -202,6 +203,8 @@ def holding_rate(
         unit_dim: output dim(s) one mask entry covers, as given to :func:`find_core_units`
             (e.g. ``2`` for the features of a ViT block's ``(N, tokens, dim)`` output);
             ignored when ``data`` is an :class:`ActivationCache` (built with its own).
+        ablation: what a masked unit becomes: ``"zero"``, ``"mean"`` (over ``data``) or
+            ``"resample"`` (from another input of ``data``); None: the cache's, zero otherwise.
 
     Returns:
         The holding rate in [0, 1].
@@ -211,10 +214,11 @@ def holding_rate(
     if isinstance(data, ActivationCache):
         cache = data
         cache.check_model(model)
+        cache.require_ablation(ablation)
     else:
         cache = ActivationCache(
             model, list(masks.keys()), data, batch_size=batch_size, output_fn=output_fn, device=device,
-            unit_dim=unit_dim,
+            unit_dim=unit_dim, ablation=ablation or "zero",
         )
     target_class = check_class(target_class, cache.num_classes)
     gates = [g.to(cache.device) if g is not None else None for g in gates_from_masks(cache.specs, masks, cache.model)]

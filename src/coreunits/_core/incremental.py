@@ -260,7 +260,8 @@ def build_incremental(cache: ActivationCache, layer: str) -> IncrementalCurve | 
     """
     memo: dict[str, IncrementalCurve | None] = cache.__dict__.setdefault("_incremental_evaluators", {})
     if layer not in memo:
-        inc, reason = _build_incremental(cache, layer)
+        inc, reason = _build_incremental(cache, layer) if cache.ablation.zero else (
+            None, f"{cache.ablation.mode} ablation: a dropped unit leaves its ablation value, not zero")
         memo[layer] = inc
         if inc is None:
             cache.fallbacks[f"incremental:{layer}"] = reason

@@ -33,7 +33,7 @@ def dense_masked_scores(
     out = []
     with preserved_model_state(cache.model), cache.gated.activated(), torch.inference_mode():
         for chunk in rows.split(batch_size):
-            out.append(cache.gated.suffix(cache.frontier_rows(chunk), gates))
+            out.append(cache.suffix_scores(chunk, gates))
     return torch.cat(out) if out else torch.zeros(0, cache.num_classes, device=cache.device)
 
 
@@ -58,7 +58,7 @@ def margin_gradient(
     total = gate.new_zeros(())
     with preserved_model_state(cache.model), cache.gated.activated(), torch.enable_grad():
         for chunk, orig in zip(rows.split(batch_size), original.split(batch_size), strict=True):
-            m = decision_margin(cache.gated.suffix(cache.frontier_rows(chunk), gates), target_class)
+            m = decision_margin(cache.suffix_scores(chunk, gates), target_class)
             total = total + F.logsigmoid(torch.where(orig.to(m.device), m, -m)).sum()
         (grad,) = torch.autograd.grad(total, gate)
     return grad / max(len(rows), 1)

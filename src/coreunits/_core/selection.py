@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from coreunits._core.ablation import check_ablation
 from coreunits._core.cache import ActivationCache
 from coreunits._core.dprime import DPrime, build_dprime, check_class
 from coreunits._core.engine import OutputFn
@@ -87,6 +88,8 @@ class SelectionConfig:
         reading: the reading the target is judged in, ``"strict"`` or ``"paper"``.
         calibration_runs: most optimisations target mode runs.
         drop_order: how target mode drops units, ``"least_harm"`` or ``"gate"``.
+        ablation: what a masked unit becomes, ``"zero"``, ``"mean"`` or ``"resample"``
+            (see ``_core.ablation``); None: the cache's (zero when built here).
     """
 
     alpha: AlphaArg = 2e-3
@@ -106,6 +109,7 @@ class SelectionConfig:
     reading: str = "strict"
     calibration_runs: int = 4
     drop_order: str = "least_harm"
+    ablation: str | None = None
 
     def check(self) -> SelectionConfig:
         """Raise :class:`OptionError` (one line: the problem and the fix) for a bad setting; return self."""
@@ -117,6 +121,8 @@ class SelectionConfig:
         _check_choice("relaxation", self.relaxation, _RELAXATIONS)
         _check_choice("reading", self.reading, _READINGS)
         _check_choice("drop_order", self.drop_order, DROP_ORDERS)
+        if self.ablation is not None:
+            check_ablation(self.ablation)
         t = self.target_holding_rate
         if t is not None and not 0.0 < t <= 1.0:
             raise OptionError(f"target_holding_rate must be in (0, 1], got {t}; e.g. 0.995")
@@ -170,9 +176,11 @@ def _as_cache(
     device: str | torch.device | None,
     engine: str,
     progress: bool,
+    ablation: str | None,
 ) -> ActivationCache:
     if isinstance(data, ActivationCache):
         data.check_model(model)
+        data.require_ablation(ablation)
         wanted = [s.name for s in resolve_layers(data.model, layers, unit_dim)]
         if wanted != data.layer_names:
             raise DataError(
@@ -182,7 +190,7 @@ def _as_cache(
         return data
     return ActivationCache(
         model, layers, data, batch_size=max(batch_size, 256), output_fn=output_fn,
-        unit_dim=unit_dim, device=device, engine=engine, progress=progress,
+        unit_dim=unit_dim, device=device, engine=engine, progress=progress, ablation=ablation or "zero",
     )
 
 
@@ -247,7 +255,9 @@ def find_core_units(
             ``gate_slope``, ``init_gate``, ``w_b_init``, ``min_steps``, ``patience``,
             ``positives_only`` (the paper's input-layer setting; ``w_b`` then stays
             fixed), ``relaxation`` (``"switch"`` or ``"hard_concrete"``: L0 gates
-            of Louizos et al. 2018, no phi). Target mode: ``target_holding_rate``
+            of Louizos et al. 2018, no phi), ``ablation`` (what a masked unit becomes:
+            ``"zero"``, the paper's, ``"mean"`` over the data or ``"resample"`` from another
+            input; recorded in ``settings["ablation"]``). Target mode: ``target_holding_rate``
             finds the smallest unit set whose hard-mask holding rate on D'_c (in
             ``reading`` "strict" or "paper") reaches it: alpha is lowered over at
             most ``calibration_runs`` optimisations while the rounded mask misses by
@@ -267,7 +277,8 @@ def find_core_units(
     """
     t0 = time.perf_counter()
     cfg = (config or SelectionConfig()).with_options(**options).check()
-    cache = _as_cache(model, layers, data, cfg.batch_size, output_fn, unit_dim, device, engine, progress)
+    cache = _as_cache(model, layers, data, cfg.batch_size, output_fn, unit_dim, device, engine, progress,
+                      cfg.ablation)
     target_class = check_class(target_class, cache.num_classes)
     if cfg.target_holding_rate is not None:
         return _find_for_target(cache, target_class, cfg, seed, progress, t0)
@@ -349,9 +360,8 @@ def _optimise(cache: ActivationCache, target_class: int, run: _Optimisation, pro
                 perm = torch.randperm(n, generator=run.index_gen)
             batch = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
             idx = rows.index_select(0, batch)
-            front = cache.frontier_rows(idx)
             sampled = [g.sample(idx.numel(), cfg.temperature, run.noise_gen) for g in run.gates]
-            scores = cache.gated.suffix(front, sampled)
+            scores = cache.suffix_scores(idx, sampled)
             y_hat = center_score(center_margin(scores, target_class), run.log_wb.exp())
             probs = torch.cat([g.probs() for g in run.gates])
             lam_t = cfg.lam * _lambda_ramp(step, run.total_steps)
@@ -398,6 +408,7 @@ def _select(cache: ActivationCache, target_class: int, cfg: SelectionConfig, see
     settings = run.cfg.settings() | {
         "steps_run": len(run.history) and run.history[-1]["step"], "total_steps": run.total_steps,
         "engine": cache.gated.engine, "prefix_cached": cache.cached, "fallbacks": dict(cache.fallbacks),
+        "ablation": cache.ablation.mode,
     }
     return CoreUnits(
         target_class=target_class,

@@ -503,6 +503,11 @@ def build_specialist(
     Returns:
         The :class:`Specialist`; its ``module`` returns a bool per input.
     """
+    ablation = result.settings.get("ablation", "zero") if isinstance(result, CoreUnits) else "zero"
+    if ablation != "zero":
+        # A cut unit computes nothing, i.e. zero: a mean- or resample-ablated set would decide differently.
+        raise OptionError(f"this result was found with {ablation} ablation; a specialist drops the other units, "
+                          "which is zero ablation: find the units with ablation='zero' to export them")
     units = result.units if isinstance(result, CoreUnits) else {str(k): list(v) for k, v in result.items()}
     c = result.target_class if isinstance(result, CoreUnits) else target_class
     if c is None:
