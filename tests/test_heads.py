@@ -157,3 +157,15 @@ def test_a_detector_built_on_heads_masks_them_at_full_size() -> None:
     with torch.no_grad():
         assert torch.equal(spec.module(x), _reference_heads(net, x, keep).argmax(1) == 1)
     assert_untouched(net, snap)
+
+
+def test_every_compare_method_finds_the_carrier_head(tmp_path) -> None:
+    from coreunits.compare import compare_methods, default_methods
+
+    net, x = _planted(), _tokens(600)
+    names = ["switch_gates", "greedy_exact", "mean_activation", "grad_x_activation"]
+    records = compare_methods(net, "heads:attn", [1], x, target=0.99, methods=default_methods(0, include=names),
+                              progress=False, out=tmp_path)
+    assert {r["method"]: r["units"] for r in records} == {key: [CARRIER] for key in names}
+    # Record files are named without the ':' (not allowed in Windows file names).
+    assert min(p.name for p in (tmp_path / "runs").iterdir()) == "heads-attn_c1_grad_x_activation.json"

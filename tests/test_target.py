@@ -63,9 +63,24 @@ def test_refine_uses_a_known_rate_instead_of_measuring_it() -> None:
 
     out = refine_mask(holding, torch.tensor([True, True]), torch.tensor([0.9, 0.2]), target=0.99, rate=1.0)
     assert out.holding_before == 1.0 and out.units_before == 2
-    # The given mask (2 units) is never measured: only the drops (unit 1 goes, then unit 0 cannot).
-    assert calls == [1, 0] and out.evaluations == 2
-    assert torch.nonzero(out.mask).flatten().tolist() == [0]
+    # The given mask (2 units) is never measured: only the drops (unit 1 goes, then unit 0 cannot),
+    # then the one smaller set (none kept), since so few can be tried.
+    assert calls == [1, 0, 0] and out.evaluations == 3
+    assert torch.nonzero(out.mask).flatten().tolist() == [0] and out.smallest
+
+
+def test_a_smallest_set_outside_the_calibrated_one_is_found_where_every_smaller_set_can_be_tried() -> None:
+    holding = _substitute_judge().holding
+    out = refine_mask(holding, torch.tensor([True, True, False, False]), torch.tensor([0.9, 0.8, 0.1, 0.0]),
+                      target=0.99, rate=1.0)
+    # No single drop from {0, 1} holds; trying every smaller set (1 + 4 of them) finds {2}.
+    assert torch.nonzero(out.mask).flatten().tolist() == [2] and out.smallest
+    assert out.to_dict()["smallest"] and sorted(out.dropped) == [0, 1] and out.added == [2]
+    # With many units the smaller sets are too many to try: drops alone, and not called smallest.
+    many = torch.zeros(200, dtype=torch.bool)
+    many[:2] = True
+    out = refine_mask(holding, many, torch.linspace(1, 0, 200), target=0.99, rate=1.0)
+    assert torch.nonzero(out.mask).flatten().tolist() == [0, 1] and not out.smallest
 
 
 def test_add_back_ranks_on_the_probe_and_measures_on_all_of_dprime() -> None:
@@ -105,7 +120,9 @@ def test_least_harm_stops_when_the_probes_best_candidates_fail() -> None:
 
     judge = Judge(lambda m: 1.0, reaches, probe)
     out = refine_mask(judge, torch.ones(6, dtype=torch.bool), torch.zeros(6), target=0.99)
-    assert tried == [5, 4, 3, 2][: 1 + DROP_RETRIES]
+    assert tried[: 1 + DROP_RETRIES] == [5, 4, 3, 2][: 1 + DROP_RETRIES]
+    # Then every smaller set of the 6 units (63 of them) is tried, and none holds.
+    assert len(tried) == 1 + DROP_RETRIES + 63 and out.smallest
     assert out.dropped == [] and bool(out.mask.all())
 
 
@@ -132,11 +149,14 @@ def _substitute_judge() -> Judge:
 
 def test_least_harm_drops_find_a_smaller_set_than_gate_order() -> None:
     # Unit 2 has the lowest gate, so gate order drops it first and is left with {0, 1};
-    # least harm keeps it (its removal scores worst on the probe) and ends with {2}.
+    # least harm keeps it (its removal scores worst on the probe) and ends with {2}. Gate order
+    # on 200 units: too many smaller sets to try them all, which would find {2} whatever it dropped.
+    padded = refine_mask(_substitute_judge(), torch.ones(200, dtype=torch.bool),
+                         torch.cat([torch.tensor([0.9, 0.8, 0.1]), torch.full((197,), 0.5)]), target=0.99,
+                         drop_order="gate")
+    assert torch.nonzero(padded.mask).flatten().tolist() == [0, 1] and not padded.smallest
     gates = torch.tensor([0.9, 0.8, 0.1, 0.5])
     mask = torch.ones(4, dtype=torch.bool)
-    by_gate = refine_mask(_substitute_judge(), mask, gates, target=0.99, drop_order="gate")
-    assert torch.nonzero(by_gate.mask).flatten().tolist() == [0, 1]
     least = refine_mask(_substitute_judge(), mask, gates, target=0.99)
     assert torch.nonzero(least.mask).flatten().tolist() == [2]
     assert least.dropped == [3, 1, 0] and least.holding_rate == 1.0

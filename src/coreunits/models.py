@@ -8,9 +8,10 @@ core-unit code address hidden layers by name (``dict(model.named_modules())["max
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "CifarNet", "MnistMLP", "MnistNet", "PerImageStandardize", "build_model"]
+__all__ = ["MODEL_NAMES", "CifarNet", "MnistMLP", "MnistNet", "MnistViT", "PerImageStandardize", "build_model"]
 
 
 class MnistNet(nn.Module):
@@ -157,7 +158,87 @@ class CifarNet(nn.Module):
 
 
 #: Names accepted by :func:`build_model`.
-MODEL_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist_mlp")
+class Attention(nn.Module):
+    """Multi-head self-attention laid out as timm's ``Attention``: ``qkv``, the heads side by side, ``norm``, ``proj``.
+
+    ``norm`` is an Identity, as in timm by default; it is where ``heads:NAME`` gates
+    each head's slice, after the heads are concatenated and before ``proj`` mixes them.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape[0], x.shape[1], x.shape[2]
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        heads = F.scaled_dot_product_attention(q, k, v)  # (b, heads, t, head_dim)
+        return self.proj(self.norm(heads.transpose(1, 2).reshape(b, t, c)))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (``act``: the hidden neurons, ``neurons:NAME.act``) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MnistViT(nn.Module):
+    """A small vision transformer for MNIST: a classifier whose units are attention heads and MLP neurons.
+
+    7x7 patches (16 tokens and a class token) -> 6 pre-norm blocks of 6 heads
+    (dim 96, MLP 192) -> LayerNorm -> head on the class token. Sized for training
+    on two CPU cores. Block ``i``'s heads are ``heads:blocks.i.attn`` (6 units, its
+    ``Attention`` is laid out as timm's) and its MLP neurons ``neurons:blocks.i.mlp.act``
+    (192 units, each over all tokens).
+
+    Input: float images (N, 1, 28, 28) in [0, 1]. Output: logits (N, 10).
+    """
+
+    def __init__(self, dim: int = 96, depth: int = 6, num_heads: int = 6, patch: int = 7, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        tokens = (28 // patch) ** 2
+        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 10) of images (N, 1, 28, 28)."""
+        x = self.patch_embed(x - 0.5).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+MODEL_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist_mlp", "mnist_vit")
 
 
 def build_model(name: str) -> nn.Module:
@@ -165,7 +246,7 @@ def build_model(name: str) -> nn.Module:
 
     Args:
         name: ``"mnist"`` for :class:`MnistNet`, ``"cifar10"`` for :class:`CifarNet`,
-            ``"mnist_mlp"`` for :class:`MnistMLP` (case-insensitive).
+            ``"mnist_mlp"`` for :class:`MnistMLP`, ``"mnist_vit"`` for :class:`MnistViT` (case-insensitive).
 
     Returns:
         The freshly initialised model.
@@ -180,4 +261,6 @@ def build_model(name: str) -> nn.Module:
         return CifarNet()
     if key == "mnist_mlp":
         return MnistMLP()
+    if key == "mnist_vit":
+        return MnistViT()
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")

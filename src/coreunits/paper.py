@@ -27,12 +27,13 @@ __all__ = ["COEFFICIENTS", "MODELS", "cifar10_data", "coefficients", "default_ch
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: The paper's classifiers and their bundled checkpoint files.
-MODELS: dict[str, str] = {"mnist": "mnist_cnn.pt", "cifar10": "cifar10_cnn.pt"}
+#: The bundled classifiers (the paper's two, and an MLP and a ViT on MNIST) and their checkpoint files.
+MODELS: dict[str, str] = {"mnist": "mnist_cnn.pt", "cifar10": "cifar10_cnn.pt", "mnist_mlp": "mnist_mlp.pt",
+                          "mnist_vit": "mnist_vit.pt"}
 
 
 def default_checkpoint(model: str = "mnist") -> Path:
-    """The bundled checkpoint of the paper's ``model`` ("mnist" or "cifar10").
+    """The bundled checkpoint of ``model`` ("mnist" or "cifar10", the paper's; "mnist_mlp" or "mnist_vit").
 
     Looked up under ``./checkpoints`` first, then next to the source tree.
 

@@ -7,7 +7,7 @@ A model spec is one of
 - ``path/to/file.py:FACTORY`` (a function of that file that returns the model),
 - ``file.pt2`` (a ``torch.export`` program, unflattened so its layers keep their names),
 - ``file.ts`` (TorchScript: only ``--layer input`` can be gated, as ScriptModules take no hooks),
-- ``coreunits:NAME`` (a classifier of this package: ``mnist``, ``cifar10``, ``mnist_mlp``; ``--weights``
+- ``coreunits:NAME`` (a classifier of this package: ``mnist``, ``cifar10``, ``mnist_mlp``, ``mnist_vit``; ``--weights``
   defaults to its bundled checkpoint).
 
 Weights are a ``state_dict`` in a ``.pt``/``.pth``/``.bin`` file (plain, or under a ``state_dict`` or ``model``

@@ -28,6 +28,11 @@ Two steps answer it without the user tuning alpha:
    calibrated set; a small set that holds a unit the gates dropped is only
    reached by swapping it in (on a held-back classifier: 15 and 11 units where
    exact greedy from all units kept 8 and 8).
+4. Where every set smaller than the result is few (at most :data:`EXHAUSTIVE_MASKS`:
+   a layer of a few units, such as a block's attention heads), they are all tried,
+   smallest first, and the first that reaches the target is taken: the result is
+   then a smallest set, not only one no single drop improves. (On the MNIST ViT's
+   first block, class 0: drops kept 3 of 6 heads; one head alone holds 99%.)
 
 Measured at 99.5% (strict), all 10 classes (results/compare-mnist, compare-mnist-mlp):
 7.9 units on average in the paper's MNIST max2 (28 s per class) where exact greedy
@@ -41,6 +46,8 @@ Holding rates are judged on D'_c with the hard mask, in the requested reading.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +65,7 @@ from coreunits._core.objective import decision_margin
 from coreunits._core.problem import SelectionProblem
 
 __all__ = [
-    "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "PROBE_ROWS", "Judge", "Refinement", "mask_judge",
+    "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "EXHAUSTIVE_MASKS", "PROBE_ROWS", "Judge", "Refinement", "mask_judge",
     "prefer_add_back", "probe_score", "refine_mask",
 ]
 
@@ -70,6 +77,9 @@ PROBE_ROWS = 2048
 
 #: Next-best candidates verified after the probe's best drop fails (greedy elimination's default).
 DROP_RETRIES = 3
+
+#: Most smaller masks the refinement tries one by one to find a smallest set (e.g. 22 for 3 of 6 heads).
+EXHAUSTIVE_MASKS = 128
 
 #: A calibrated mask is completed by adding units back, not by another optimisation,
 #: when it loses at most this many times the target's allowance (1 - target) beyond it.
@@ -165,6 +175,8 @@ class Refinement:
     drop_order: str = "least_harm"
     #: Whether exact elimination and exchange ended the refinement (a batched toggle path existed).
     exact_finish: bool = False
+    #: Whether every smaller set was tried, so that no set with fewer units reaches the target.
+    smallest: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -172,7 +184,7 @@ class Refinement:
             "units_after": int(self.mask.sum()), "holding_rate_after": self.holding_rate,
             "added": self.added, "dropped": self.dropped, "evaluations": self.evaluations,
             "probe_evaluations": self.probe_evaluations, "drop_order": self.drop_order,
-            "exact_finish": self.exact_finish,
+            "exact_finish": self.exact_finish, "smallest": self.smallest,
         }
 
 
@@ -304,8 +316,30 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
         for j in kept[torch.argsort(values[kept], stable=True)].tolist():
             if j not in out.added:
                 mask, rate, _ = _try_drop(judge, mask, rate, j, target, out)
+    if rate >= target:
+        mask, rate = _smallest_by_trial(judge, mask, rate, values, target, out)
     out.mask, out.holding_rate = mask, rate
     return out
+
+
+def _smallest_by_trial(judge: Judge, mask: torch.Tensor, rate: float, values: torch.Tensor, target: float,
+                       out: Refinement) -> tuple[torch.Tensor, float]:
+    """Every set smaller than ``mask``, smallest first (highest gates first within a size), where they are few."""
+    n, k = mask.numel(), int(mask.sum())
+    if sum(math.comb(n, size) for size in range(k)) > EXHAUSTIVE_MASKS:
+        return mask, rate
+    out.smallest = True
+    for size in range(k):
+        for units in sorted(itertools.combinations(range(n), size), key=lambda u: -float(values[list(u)].sum())):
+            trial = torch.zeros(n, dtype=torch.bool)
+            trial[list(units)] = True
+            reached, r = judge.reaches(trial, target)
+            out.evaluations += 1
+            if reached:
+                out.dropped += torch.nonzero(mask & ~trial).flatten().tolist()
+                out.added += torch.nonzero(trial & ~mask).flatten().tolist()
+                return trial, r
+    return mask, rate
 
 
 def _with(mask: torch.Tensor, j: int) -> torch.Tensor:

@@ -52,6 +52,11 @@ def _per_unit(t: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     lines up with masks and gates.
     """
     assert spec.unit_dims is not None
+    group = spec.group_size
+    if group > 1:  # a unit is a block of ``group`` adjacent features of its dim (a head): split the dim
+        d = spec.unit_dims[-1]
+        if t.dim() > d and t.shape[d] % group == 0:
+            t = t.unflatten(d, (t.shape[d] // group, group))
     for d, size in zip(spec.unit_dims, spec.unit_shape):
         if t.dim() <= d or t.shape[d] != size:
             raise ValueError(
@@ -151,7 +156,8 @@ class GradientTimesActivation(RankingStrategy):
     Per unit j, the mean over D'_c's positives of
     ``|sum_{e in unit j} a_e * d m / d a_e|`` with ``m = s_c - max_{i != c} s_i``
     (:func:`~coreunits._core.objective.decision_margin`): the linear estimate of how much zeroing the unit
-    moves the margin that decides "is it c?". It is computed as the gradient
+    moves the margin that decides "is it c?". (Under mean or resample ablation ``a_e`` is the unit's
+    difference from its ablation value, as the gate's gradient is: attribution patching.) It is computed as the gradient
     of ``m`` w.r.t. a per-example gate of ones on the layer (at ``g = 1``,
     ``dm/dg_j`` is exactly that sum), so it works wherever the gated model runs,
     and autograd differentiates w.r.t. the gate only: the model's parameters
@@ -177,12 +183,11 @@ class GradientTimesActivation(RankingStrategy):
                 torch.enable_grad():
             total = torch.zeros(k, dtype=torch.float64)
             for chunk in rows.split(self.batch_size):
-                front = cache.frontier_rows(chunk)
                 gate = torch.ones(chunk.numel(), k, device=cache.device, requires_grad=True)
                 gates: list[torch.Tensor | None] = [None] * len(cache.specs)
                 gates[problem.position] = gate
                 # Not center_margin (max(s) - s_c): it is 0 with zero gradient wherever c is the argmax.
-                margin = decision_margin(cache.gated.suffix(front, gates), problem.target_class)
+                margin = decision_margin(cache.suffix_scores(chunk, gates), problem.target_class)
                 # Examples are independent (eval mode), so the gradient of the sum
                 # gives each example's own gradient in its row of the (B, K) gate.
                 (grad,) = torch.autograd.grad(margin.sum(), gate)
