@@ -442,6 +442,15 @@ def test_mlp_shapes_and_the_incremental_path_on_both_hidden_layers() -> None:
         assert build_incremental(cache, layer) is not None
 
 
+@needs_mnist
+def test_the_bundled_vit_reaches_its_recorded_test_accuracy() -> None:
+    path = REPO / "checkpoints" / "mnist_vit.pt"
+    meta = json.loads(metadata_path(path).read_text())
+    assert meta["model"] == "mnist_vit" and meta["complete"]
+    test, _ = get_mnist(DATA, train=False, allow_download=False, allow_sample=False)
+    assert evaluate_accuracy(load_model(path), test) == pytest.approx(meta["test_accuracy"], abs=1e-4)
+
+
 def test_build_model_unknown() -> None:
     with pytest.raises(ValueError, match="mnist"):
         build_model("resnet")

@@ -169,3 +169,18 @@ def test_every_compare_method_finds_the_carrier_head(tmp_path) -> None:
     assert {r["method"]: r["units"] for r in records} == {key: [CARRIER] for key in names}
     # Record files are named without the ':' (not allowed in Windows file names).
     assert min(p.name for p in (tmp_path / "runs").iterdir()) == "heads-attn_c1_grad_x_activation.json"
+
+
+def test_the_bundled_vit_attention_is_timms_and_its_units_resolve() -> None:
+    from coreunits.models import Attention, MnistViT
+
+    torch.manual_seed(0)
+    ours, theirs = Attention(16, 4), timm_attention(16, num_heads=4, qkv_bias=True)
+    theirs.load_state_dict(ours.state_dict())  # the same parameter names: qkv, proj
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    model = MnistViT().eval()
+    specs = resolve_layers(model, ["heads:blocks.0.attn", "neurons:blocks.5.mlp.act"])
+    assert [s.path for s in specs] == ["blocks.0.attn.norm", "blocks.5.mlp.act"]
+    assert specs[0].groups == 6
