@@ -326,8 +326,11 @@ def _smallest_by_trial(judge: Judge, mask: torch.Tensor, rate: float, values: to
                        out: Refinement) -> tuple[torch.Tensor, float]:
     """Every set smaller than ``mask``, smallest first (highest gates first within a size), where they are few."""
     n, k = mask.numel(), int(mask.sum())
-    if sum(math.comb(n, size) for size in range(k)) > EXHAUSTIVE_MASKS:
-        return mask, rate
+    count = 0
+    for size in range(k):  # counted until over the bound: the full sum is a big-integer job on wide layers
+        count += math.comb(n, size)
+        if count > EXHAUSTIVE_MASKS:
+            return mask, rate
     out.smallest = True
     for size in range(k):
         for units in sorted(itertools.combinations(range(n), size), key=lambda u: -float(values[list(u)].sum())):
