@@ -148,7 +148,3 @@ class Ablation:
         assert self.partner is not None
         index = self.partner[rows.cpu()]
         return [v.index_select(0, index.to(v.device)) for v in self.values]
-
-    def nbytes(self) -> int:
-        """Bytes held by the ablation values."""
-        return sum(v.numel() * v.element_size() for v in self.values)
