@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
@@ -77,11 +76,10 @@ class Ablation:
         if self.zero:
             yield lambda _x: None
             return
-        modules = dict(model.named_modules())
         handles = []
 
-        def recorder(i: int) -> Callable[..., None]:
-            def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        def recorder(i: int) -> Callable[[torch.Tensor], None]:
+            def hook(out: torch.Tensor) -> None:
                 self._observe(i, out)
 
             return hook
@@ -95,7 +93,7 @@ class Ablation:
         try:
             for i, spec in enumerate(self.specs):
                 if spec.name != INPUT:
-                    handles.append(modules[spec.module_path].register_forward_hook(recorder(i)))
+                    handles.append(spec.register_output_hook(recorder(i)))
             yield on_inputs
         finally:
             for h in handles:

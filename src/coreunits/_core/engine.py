@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from coreunits._core import mha
 from coreunits._core.errors import CoreUnitsError, LayerNotFoundError, ModelOutputError, OptionError
 from coreunits._core.layers import INPUT, LayerSpec
 
@@ -224,13 +225,16 @@ class GatedModel:
         shapes: list[tuple[int, ...] | None] = [None] * len(self.specs)
         handles = []
 
-        def recorder(i: int) -> Callable[..., None]:
-            def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        def recorder(i: int) -> Callable[[Any], None]:
+            def hook(out: Any) -> None:
                 counts[i] += 1
                 if not isinstance(out, torch.Tensor):
+                    spec = self.specs[i]
+                    hint = (f"; for its heads, give 'heads:{spec.name}'" if isinstance(spec.module, nn.MultiheadAttention)
+                            else "")
                     raise LayerNotFoundError(
-                        f"layer {self.specs[i].name!r} returns a {type(out).__name__}, not a tensor; "
-                        "gate a submodule whose output is a single tensor"
+                        f"layer {spec.name!r} returns a {type(out).__name__}, not a tensor; "
+                        f"gate a submodule whose output is a single tensor{hint}"
                     )
                 if not out.is_floating_point():
                     raise LayerNotFoundError(
@@ -245,8 +249,7 @@ class GatedModel:
                 if spec.name == INPUT:
                     counts[i], shapes[i] = 1, tuple(x.shape)
                 else:
-                    assert spec.module is not None
-                    handles.append(spec.module.register_forward_hook(recorder(i)))
+                    handles.append(spec.register_output_hook(recorder(i)))
             with torch.no_grad():
                 try:
                     out = self.model(x.clone())  # a forward may modify its input in place
@@ -293,6 +296,9 @@ class GatedModel:
     def _build_fx(self, x: torch.Tensor) -> None:
         """Split the traced model at the gated layers: frontier, prefix, suffix, then verify on ``x``."""
         graph = trace_gated(self.model, {s.module_path for s in self.specs if s.name != INPUT})
+        for spec in self.specs:
+            if spec.attention:  # the heads get a node of their own (see _core.mha)
+                mha.expose_heads(graph, spec.module_path)
         gated = self._gated_nodes(graph)
         desc, roots, frontier = _frontier(graph, gated)
         prefix_gm = _prefix_module(self.model, graph, frontier)
@@ -317,6 +323,8 @@ class GatedModel:
         for i, spec in enumerate(self.specs):
             if spec.name == INPUT:
                 nodes = placeholders
+            elif spec.attention:
+                nodes = [n for n in graph.nodes if n.meta.get(mha.HEADS_META) == spec.module_path]
             else:
                 nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == spec.module_path]
             if len(nodes) != 1:
@@ -332,15 +340,19 @@ class GatedModel:
         gate_in = [suf.placeholder(f"gate_{i}") for i in range(len(self.specs))]
         base_in = [suf.placeholder(f"baseline_{i}") for i in range(len(self.specs))]
         env: dict[fx.Node, Any] = dict(front_in)
+        ungated: dict[fx.Node, fx.Node] = {}  # each gated node's value before its gate
 
         def gate(value: fx.Node, node: fx.Node) -> fx.Node:
             i = gated[node]
+            ungated[node] = value
             return suf.call_function(gate_tensor, (value, gate_in[i], *self._layout(i), base_in[i]))
 
         dep = _input_dependent(graph)
         for node in graph.nodes:
             if node in roots:  # a gated layer computed before every gate: its cached output, gated
                 env[node] = gate(front_in[node], node)
+            elif node.op == "call_function" and node.target is mha.ungated:  # attention heads before their gates
+                env[node] = ungated[node.args[0]]  # type: ignore[index]
             elif node.op == "placeholder" and node not in dep:  # an optional argument: its default
                 env[node] = node.args[0]
             elif node not in dep and node.op != "output":  # a constant of the model, recomputed
@@ -382,7 +394,7 @@ class GatedModel:
             if self._depth == 0 and self.engine == "hooks":
                 for i, spec in enumerate(self.specs):
                     if spec.module is not None:
-                        handles.append(spec.module.register_forward_hook(self._hook(i)))
+                        handles.append(spec.register_output_hook(self._hook(i)))
             self._depth += 1
             entered = True
             yield self
@@ -392,10 +404,10 @@ class GatedModel:
             for h in handles:
                 h.remove()
 
-    def _hook(self, i: int) -> Callable[..., torch.Tensor]:
+    def _hook(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         spec = self.specs[i]
 
-        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        def hook(out: torch.Tensor) -> torch.Tensor:
             return apply_gate(out, self._gates[i], spec, self._baselines[i])
 
         return hook

@@ -267,7 +267,7 @@ def mask_units(model: nn.Module, masks: MaskArg, unit_dim: int | Sequence[int] |
 
             return pre_hook
 
-        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        def hook(out: torch.Tensor) -> torch.Tensor:
             return apply_gate(out, gate_of(out), spec)
 
         return hook
@@ -277,8 +277,7 @@ def mask_units(model: nn.Module, masks: MaskArg, unit_dim: int | Sequence[int] |
             if spec.name == INPUT:
                 handles.append(model.register_forward_pre_hook(make_hook(spec, value, True)))
             else:
-                assert spec.module is not None
-                handles.append(spec.module.register_forward_hook(make_hook(spec, value, False)))
+                handles.append(spec.register_output_hook(make_hook(spec, value, False)))
         yield model
     finally:
         for h in handles:

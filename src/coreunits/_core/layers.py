@@ -11,8 +11,9 @@ Two wrappers name other units: :class:`Neurons` (the last dim's features, one
 unit over all tokens or positions: a transformer MLP's hidden neurons) and
 :class:`Heads` (an attention module's heads: the per-head slices of the
 concatenated head outputs before the output projection, one unit over all
-tokens). A group of features gated as one unit is how heads are declared for
-any model: ``Heads("name", num_heads=H)`` on a module whose output's last dim
+tokens), for timm's ``Attention`` and for ``torch.nn.MultiheadAttention``
+(torchvision's ViT, ``nn.TransformerEncoderLayer``: see ``_core.mha``). A group
+of features gated as one unit is how heads are declared for any other model: ``Heads("name", num_heads=H)`` on a module whose output's last dim
 is the H heads' outputs side by side.
 """
 
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from coreunits._core import mha
 from coreunits._core.errors import LayerNotFoundError
 
 __all__ = ["INPUT", "Heads", "LayerArg", "LayerSpec", "Neurons", "close_names", "default_unit_dims",
@@ -58,7 +61,8 @@ class Heads:
     """The attention heads of a module, each one unit over all tokens.
 
     ``name`` is a timm ``Attention`` (ViT, DeiT, ...: its heads are gated where
-    they are concatenated, before ``proj``), or any module whose output's last
+    they are concatenated, before ``proj``), a ``torch.nn.MultiheadAttention``
+    (torchvision's ViTs: the same point, before ``out_proj``; see ``_core.mha``), or any module whose output's last
     dim is ``num_heads`` head outputs side by side (then ``num_heads`` is
     required): that is how heads are declared for other models. Results are
     keyed by ``"heads:<name>"`` (``"heads:<name>:<num_heads>"`` when given),
@@ -92,6 +96,8 @@ class LayerSpec:
         last_dim: units along the output's last dim (:class:`Neurons`, :class:`Heads`).
         groups: with ``last_dim``, that many units, each a block of adjacent
             features (heads); None = one unit per feature.
+        attention: ``module`` is an ``nn.MultiheadAttention`` and the gated
+            tensor is its heads' outputs, which no module returns (``_core.mha``).
     """
 
     name: str
@@ -103,6 +109,7 @@ class LayerSpec:
     last_dim: bool = False
     groups: int | None = None
     features: int = 0
+    attention: bool = False
 
     @property
     def module_path(self) -> str:
@@ -118,6 +125,17 @@ class LayerSpec:
     def num_units(self) -> int:
         """Number of gates (units) of this layer."""
         return math.prod(self.unit_shape) if self.unit_shape else 0
+
+    def register_output_hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+        """Call ``fn`` with the gated tensor each time the layer runs; a tensor it returns replaces it.
+
+        The one way every part of coreunits reads or gates a hidden layer through hooks.
+        """
+        assert self.module is not None, "the input has no module to hook"
+        if self.attention:
+            assert isinstance(self.module, nn.MultiheadAttention)
+            return mha.register_heads_hook(self.module, fn)
+        return self.module.register_forward_hook(lambda _m, _i, out: fn(out))
 
     def bind(self, output_shape: Sequence[int]) -> None:
         """Fix the unit layout from one observed output shape ``(N, ...)``."""
@@ -276,6 +294,16 @@ def _unit_wrapper(item: Neurons | Heads, named: dict[str, nn.Module], names: Seq
         return LayerSpec(item.key, module, path=item.name, last_dim=True)
     heads = item.num_heads
     path = item.name
+    if isinstance(module, nn.MultiheadAttention):
+        if heads is not None and heads != module.num_heads:
+            raise LayerNotFoundError(
+                f"Heads({item.name!r}): this nn.MultiheadAttention has {module.num_heads} heads, not {heads}; "
+                "leave num_heads out"
+            )
+        why = mha.check_supported(module, item.name)
+        if why is not None:
+            raise LayerNotFoundError(why)
+        return LayerSpec(item.key, module, path=path, last_dim=True, groups=module.num_heads, attention=True)
     # timm's Attention concatenates its heads, applies ``norm`` (an Identity unless scale_norm) and then ``proj``:
     # gating the output of ``norm`` gates each head's slice before the heads are mixed.
     if heads is None and all(hasattr(module, a) for a in ("num_heads", "norm", "proj", "qkv")):
@@ -284,7 +312,7 @@ def _unit_wrapper(item: Neurons | Heads, named: dict[str, nn.Module], names: Seq
     if heads is None:
         raise LayerNotFoundError(
             f"Heads({item.name!r}): a {type(module).__name__} is not an attention module coreunits knows "
-            "(timm's Attention); give num_heads, with a module whose output's last dim is the heads side by side"
+            "(timm's Attention, nn.MultiheadAttention); give num_heads, with a module whose output's last dim is the heads side by side"
         )
     if heads < 1:
         raise LayerNotFoundError(f"Heads({item.name!r}): num_heads must be >= 1, got {heads}")

@@ -35,7 +35,7 @@ import copy
 import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from coreunits._core import mha
 from coreunits._core.cache import iter_input_batches
 from coreunits._core.dprime import build_dprime, check_class
 from coreunits._core.engine import apply_gate, gate_tensor
@@ -286,7 +287,10 @@ class _Cutter:
     def cut(self, spec: LayerSpec, kept: torch.Tensor) -> LayerCut:
         """Plan the cut of one layer (graph edits now, module edits in :meth:`apply`)."""
         record = LayerCut(spec.name, kept.tolist(), spec.num_units)
-        nodes = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == spec.module_path]
+        if spec.attention:  # the node build_specialist gave the heads (see _core.mha)
+            nodes = [n for n in self.gm.graph.nodes if n.meta.get(mha.HEADS_META) == spec.module_path]
+        else:
+            nodes = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == spec.module_path]
         dims = spec.unit_dims or ()
         ndim = len(_shape(nodes[0])) if len(nodes) == 1 else 0
         if (spec.name == INPUT or len(nodes) != 1 or len(dims) != 1 or dims[0] not in (1, ndim - 1)
@@ -308,8 +312,10 @@ class _Cutter:
         if spec.name == INPUT:
             nodes = [next(n for n in self.gm.graph.nodes if n.op == "placeholder")]
         for n in nodes:
+            # Attention heads are also read before their gate, to know what the closed ones contributed.
+            users = [u for u in n.users if not (u.op == "call_function" and u.target is mha.ungated)]
             self._insert_after(n, gate_tensor, mask.reshape(spec.unit_shape),
-                               (spec.unit_dims, spec.unit_shape, spec.group_size), list(n.users))
+                               (spec.unit_dims, spec.unit_shape, spec.group_size), users)
 
     def _upstream(self, node: fx.Node, kept: torch.Tensor, dim: int, record: LayerCut) -> fx.Node:
         """Cut the units' producer, or gather them where the walk stops; the node whose output is the kept units."""
@@ -444,8 +450,10 @@ def _kept_units(model: nn.Module, units: Mapping[str, Sequence[int]], example: t
     for spec in specs:
         if spec.name == INPUT:
             spec.bind(example.shape)
-    handles = [s.module.register_forward_hook(lambda _m, _i, out, s=s: s.bind(out.shape))
-               for s in specs if s.module is not None]
+    def binder(spec: LayerSpec) -> Callable[[torch.Tensor], None]:
+        return lambda out: spec.bind(out.shape)
+
+    handles = [s.register_output_hook(binder(s)) for s in specs if s.module is not None]
     try:
         with torch.no_grad():
             out = model(example)
@@ -463,6 +471,10 @@ def _kept_units(model: nn.Module, units: Mapping[str, Sequence[int]], example: t
     return specs
 
 
+def _masker(mask: torch.Tensor, layout: LayerSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda out: apply_gate(out, mask.to(out), layout)
+
+
 def _masked_copy(model: nn.Module, specs: Sequence[LayerSpec], units: Mapping[str, Sequence[int]]) -> nn.Module:
     """A copy of ``model`` whose non-kept units output zero (forward hooks on the copy: the fallback)."""
     body = copy.deepcopy(model).eval()
@@ -476,8 +488,8 @@ def _masked_copy(model: nn.Module, specs: Sequence[LayerSpec], units: Mapping[st
             body.register_forward_pre_hook(
                 lambda _m, args, mask=mask, layout=layout: (apply_gate(args[0], mask.to(args[0]), layout), *args[1:]))
         else:
-            named[spec.module_path].register_forward_hook(
-                lambda _m, _i, out, mask=mask, layout=layout: apply_gate(out, mask.to(out), layout))
+            layout.module = named[spec.module_path]  # the copy's module
+            layout.register_output_hook(_masker(mask, layout))
     return body
 
 
@@ -521,7 +533,11 @@ def build_specialist(
         reference = masked(checks)
         cuts = [LayerCut(s.name, sorted(int(i) for i in units[s.name]), s.num_units, masked=True) for s in specs]
         try:
-            gm = fx.GraphModule(work, _Tracer({s.module_path for s in specs}).trace(work))
+            graph = _Tracer({s.module_path for s in specs}).trace(work)
+            for s in specs:
+                if s.attention:
+                    mha.expose_heads(graph, s.module_path)
+            gm = fx.GraphModule(work, graph)
         except Exception as err:  # noqa: BLE001 - any tracing failure means: use the masked copy
             reason = f"torch.fx cannot trace the model ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             log.warning("specialist: %s; exporting the masked model at full size", reason)

@@ -67,9 +67,9 @@ def _per_unit(t: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return moved.reshape(t.shape[0], spec.num_units, -1)
 
 
-def _recorder(store: dict[str, torch.Tensor]) -> Callable[[str], Callable[..., None]]:
-    def make(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+def _recorder(store: dict[str, torch.Tensor]) -> Callable[[str], Callable[[torch.Tensor], None]]:
+    def make(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(out: torch.Tensor) -> None:
             store[name] = out.detach()
 
         return hook
@@ -82,7 +82,7 @@ def _run(model: nn.Module, specs: Sequence[LayerSpec], x: torch.Tensor,
     """Scores and the named layers' outputs for one batch (hooks removed after)."""
     store: dict[str, torch.Tensor] = {}
     make = _recorder(store)
-    handles = [s.module.register_forward_hook(make(s.name)) for s in specs if s.module is not None]
+    handles = [s.register_output_hook(make(s.name)) for s in specs if s.module is not None]
     try:
         with torch.no_grad():
             out = model(x.clone())

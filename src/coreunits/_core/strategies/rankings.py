@@ -94,16 +94,15 @@ def _layer_outputs(cache: ActivationCache, position: int, rows: torch.Tensor,
         if spec.name == INPUT:
             yield x
             continue
-        assert spec.module is not None
-        yield _capture_output(cache, spec.module, x)
+        yield _capture_output(cache, spec, x)
 
 
-def _capture_output(cache: ActivationCache, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s output when the (ungated) model runs on ``x``, read with a temporary hook."""
+def _capture_output(cache: ActivationCache, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output when the (ungated) model runs on ``x``, read with a temporary hook."""
     seen: list[torch.Tensor] = []
     # Clone: an in-place op after the layer (ReLU(inplace=True)) would
     # otherwise overwrite the captured output with the next op's result.
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    handle = spec.register_output_hook(lambda out: seen.append(out.detach().clone()))
     try:
         cache.model(x.clone())  # clone: a forward may modify its input in place
     finally:
@@ -228,6 +227,9 @@ class CaptumConductance(RankingStrategy):
         cache, spec = problem.cache, problem.spec
         if spec.module is None:
             raise ValueError("captum's layer attributions need a module; use it on a hidden layer, not 'input'")
+        if spec.attention:
+            raise ValueError("captum's layer attributions see a module's output, and the heads of an "
+                             "nn.MultiheadAttention are not one; use grad_x_activation for them")
         if cache.inputs is None:
             raise ValueError(
                 "captum needs the model's inputs, and this ActivationCache keeps only activations; "
