@@ -159,3 +159,25 @@ def test_result_round_trips_through_json(planted, tmp_path) -> None:
     assert torch.equal(back.masks["feat"], r.masks["feat"])
     assert back.holding_rate == r.holding_rate and back.settings == r.settings
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+
+
+def test_batched_selections_equal_one_at_a_time(planted) -> None:
+    from coreunits import OptionError, find_core_units_batched
+    from helpers import assert_untouched, snapshot
+
+    model, x = planted
+    snap = snapshot(model)
+    cache = ActivationCache(model, "feat", x)
+    jobs = [(0, 0), (1, 0), (0, 1), (1, 3)]  # classes twice, with two seeds: each set keeps its own D'_c and noise
+    together = find_core_units_batched(model, "feat", jobs, cache, progress=False, epochs=3)
+    assert [(r.target_class, r.seed) for r in together] == jobs
+    for (c, seed), r in zip(jobs, together):
+        alone = find_core_units(model, "feat", c, cache, seed=seed, progress=False, epochs=3)
+        assert r.units == alone.units and r.settings["steps_run"] == alone.settings["steps_run"]
+        torch.testing.assert_close(r.gates["feat"], alone.gates["feat"], rtol=1e-4, atol=1e-5)
+        assert r.holding_rate_strict == alone.holding_rate_strict and r.settings["batched"] == len(jobs)
+    assert_untouched(model, snap)
+    with pytest.raises(OptionError, match="target mode"):
+        find_core_units_batched(model, "feat", jobs, cache, progress=False, target_holding_rate=0.99)
+    with pytest.raises(OptionError, match="no selections"):
+        find_core_units_batched(model, "feat", [], cache, progress=False)

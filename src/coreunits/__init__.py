@@ -27,7 +27,7 @@ from coreunits._core.evaluation import holding_rate, mask_units
 from coreunits._core.layers import Heads, Neurons
 from coreunits._core.problem import SelectionProblem
 from coreunits._core.result import CoreUnits
-from coreunits._core.selection import SelectionConfig, find_core_units
+from coreunits._core.selection import SelectionConfig, find_core_units, find_core_units_batched
 from coreunits._core.specialist import ClassDetector, Specialist, export_specialist
 from coreunits._core.stability import Stability, stability
 
@@ -53,6 +53,7 @@ __all__ = [
     "__version__",
     "export_specialist",
     "find_core_units",
+    "find_core_units_batched",
     "holding_rate",
     "mask_units",
     "stability",

@@ -38,6 +38,11 @@ __all__ = ["compare_methods", "default_methods", "headline", "summarize", "write
 
 #: Rows of D'_c the plotted curves are measured on (the k each method needs is exact, on all of D'_c).
 CURVE_PROBE_ROWS = 2048
+#: Layers up to this wide get a curve point at every k; wider ones at every k up to CURVE_DENSE_K and at
+#: CURVE_SPARSE_POINTS evenly spaced k above (192 MLP neurons: 65 passes through the network, not 193).
+CURVE_EVERY_K_UP_TO = 128
+CURVE_DENSE_K = 32
+CURVE_SPARSE_POINTS = 32
 #: Rows of D'_c greedy backward elimination scores candidates on in ``compare`` (drops verified on all of D'_c).
 GREEDY_PROBE_ROWS = 2048
 
@@ -90,14 +95,21 @@ def record_file(key: str) -> str:
     return key.replace(":", "-") + ".json"
 
 
+def curve_ks(total: int) -> list[int]:
+    """The numbers of kept units a holding-rate curve is measured at, for a layer of ``total`` units."""
+    if total <= CURVE_EVERY_K_UP_TO:
+        return list(range(total + 1))
+    step = (total - CURVE_DENSE_K) / CURVE_SPARSE_POINTS
+    return list(range(CURVE_DENSE_K)) + [CURVE_DENSE_K + round(i * step) for i in range(CURVE_SPARSE_POINTS + 1)]
+
+
 def _probe_curve(problem: SelectionProblem, ranking: torch.Tensor) -> list[dict[str, float]]:
     rows = problem.rows[:CURVE_PROBE_ROWS]
     order = torch.argsort(ranking.flatten().float(), descending=True, stable=True)
-    mask = torch.zeros(problem.num_units, dtype=torch.bool)
     out = []
-    for k in range(problem.num_units + 1):
-        if k > 0:
-            mask[order[k - 1]] = True
+    for k in curve_ks(problem.num_units):
+        mask = torch.zeros(problem.num_units, dtype=torch.bool)
+        mask[order[:k]] = True
         r = problem.rates(mask, rows)
         out.append({"units": k, "holding_rate_strict": r.strict, "holding_rate": r.paper})
     return out

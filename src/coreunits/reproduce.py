@@ -23,8 +23,8 @@ from coreunits._core.dprime import build_dprime
 from coreunits._core.evaluation import evaluate_gates, removal_curve
 from coreunits._core.io import atomic_write_text, file_digest
 from coreunits._core.progress import progress_bar
-from coreunits._core.result import fingerprint_of, read_record
-from coreunits._core.selection import DEFAULTS, find_core_units
+from coreunits._core.result import CoreUnits, fingerprint_of, read_record
+from coreunits._core.selection import BATCH_SELECTIONS, DEFAULTS, find_core_units_batched
 from coreunits.paper import cifar10_data, coefficients, default_checkpoint
 
 __all__ = ["Work", "paper_data", "plan", "run_dataset"]
@@ -102,12 +102,30 @@ def _random_subset_rates(cache: ActivationCache, rows: torch.Tensor, k: int, tot
     return out
 
 
-def _do(work: Work, model: torch.nn.Module, cache: ActivationCache, model_name: str,
-        fingerprint: str, overrides: dict[str, Any] | None = None, quick: bool = False) -> dict[str, Any]:
-    coef = coefficients(model_name, list(work.layers), overrides) | (QUICK_SETTINGS if quick else {})
-    layers = list(work.layers) if len(work.layers) > 1 else work.layers[0]
-    res = find_core_units(model, layers, work.target_class, cache, seed=work.seed, progress=False,
-                          positives_only=work.positives_only, **coef)
+def _batches(group: list[Work]) -> Iterator[list[Work]]:
+    """Consecutive works of one layer group, at most BATCH_SELECTIONS, sharing their D'_c rule."""
+    batch: list[Work] = []
+    for w in group:
+        if batch and (len(batch) == BATCH_SELECTIONS or w.positives_only != batch[0].positives_only):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+def _select(works: list[Work], model: torch.nn.Module, cache: ActivationCache, model_name: str,
+            overrides: dict[str, Any] | None = None, quick: bool = False) -> list[CoreUnits]:
+    """The selections of works that share their layers and D'_c rule, optimised together."""
+    first = works[0]
+    coef = coefficients(model_name, list(first.layers), overrides) | (QUICK_SETTINGS if quick else {})
+    layers = list(first.layers) if len(first.layers) > 1 else first.layers[0]
+    return find_core_units_batched(model, layers, [(w.target_class, w.seed) for w in works], cache, progress=False,
+                                   positives_only=first.positives_only, **coef)
+
+
+def _do(work: Work, res: CoreUnits, cache: ActivationCache, fingerprint: str) -> dict[str, Any]:
+    """A work's record: its selection, and the random subsets and curve it asks for."""
     record: dict[str, Any] = {"key": work.key, "fingerprint": fingerprint, "work": asdict(work)}
     record.update(res.to_dict())
     t0 = time.perf_counter()
@@ -231,12 +249,13 @@ def run_dataset(
             t0 = time.perf_counter()
             cache = ActivationCache(model, list(layers), data, batch_size=1000, progress=progress, device=device)
             cache_seconds += time.perf_counter() - t0
-            for w in group:
-                bar.set_postfix_str(w.key)
-                record = _do(w, model, cache, dataset, fingerprint, overrides, quick)
-                atomic_write_text(runs_dir / f"{w.key}.json", json.dumps(record))
-                records[w.key] = record
-                bar.update(1)
+            for batch in _batches(group):
+                bar.set_postfix_str(batch[0].key + ("" if len(batch) == 1 else f" +{len(batch) - 1}"))
+                for w, res in zip(batch, _select(batch, model, cache, dataset, overrides, quick)):
+                    record = _do(w, res, cache, fingerprint)
+                    atomic_write_text(runs_dir / f"{w.key}.json", json.dumps(record))
+                    records[w.key] = record
+                    bar.update(1)
             del cache
     finally:
         bar.close()

@@ -25,7 +25,7 @@ from coreunits._core.errors import DataError
 from coreunits._core.io import atomic_write_text
 from coreunits._core.progress import progress_bar
 from coreunits._core.result import fingerprint_of, read_record
-from coreunits._core.selection import find_core_units
+from coreunits._core.selection import BATCH_SELECTIONS, find_core_units, find_core_units_batched
 from coreunits.report import csv_text
 
 __all__ = ["SweepTask", "plan", "run_sweep", "select_task", "write_sweep_report"]
@@ -86,6 +86,26 @@ def select_task(cache: ActivationCache, task: SweepTask, options: dict[str, Any]
         return _skipped(task, fingerprint, class_name, str(err))
 
 
+def select_tasks(cache: ActivationCache, items: Sequence[tuple[SweepTask, str, str | None]],
+                 options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of tasks of one layer: fixed-coefficient selections optimised together, else one at a time.
+
+    Target mode refines each set alone; a class the data rule out (DataError) is found
+    one task at a time, so it is recorded as skipped and the others still run.
+    """
+    if len(items) > 1 and options.get("target_holding_rate") is None:
+        tasks = [task for task, _, _ in items]
+        try:
+            results = find_core_units_batched(cache.user_model, tasks[0].layer,
+                                              [(t.target_class, t.seed) for t in tasks], cache, progress=False,
+                                              **options)
+        except DataError:
+            pass
+        else:
+            return [_record(t, r, fp, name) for (t, fp, name), r in zip(items, results)]
+    return [select_task(cache, task, options, fp, name) for task, fp, name in items]
+
+
 def run_sweep(model: nn.Module, data: Any, tasks: Sequence[SweepTask], out: str | Path, *,
               identity: dict[str, Any], options: dict[str, Any], class_names: Sequence[str] | None = None,
               progress: bool = True, batch_size: int = 256, workers: int = 1,
@@ -130,8 +150,10 @@ def run_sweep(model: nn.Module, data: Any, tasks: Sequence[SweepTask], out: str 
 
                 run_on_ray(cache, group, select_task, options, save, workers=workers, address=ray_address)
             else:
-                for task, fingerprint, name in group:
-                    save(task, select_task(cache, task, options, fingerprint, name))
+                for start in range(0, len(group), BATCH_SELECTIONS):
+                    batch = group[start:start + BATCH_SELECTIONS]
+                    for task, record in zip((t for t, _, _ in batch), select_tasks(cache, batch, options)):
+                        save(task, record)
             del cache
     return [records[t] for t in tasks]
 

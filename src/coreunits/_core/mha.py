@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HEADS_META", "check_supported", "expose_heads", "head_outputs", "register_heads_hook", "ungated"]
+__all__ = ["HEADS_META", "batch_major", "check_supported", "corrected_output", "expose_heads", "head_outputs",
+           "register_heads_hook", "traced_heads", "ungated"]
 
 HEADS_META = "coreunits_heads"  # fx node meta: the attention module whose heads the node computes
 
@@ -100,9 +101,6 @@ def head_outputs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: d
     dropout = module.dropout if module.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return out.permute(0, 2, 1, 3).reshape(batch, length, dim)
-
-
-
 
 
 def batch_major(module: nn.MultiheadAttention, out: torch.Tensor) -> torch.Tensor:

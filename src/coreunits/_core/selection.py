@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -60,6 +60,9 @@ _READINGS = ("strict", "paper")
 _ALPHA_STEP = 3.0
 
 AlphaArg = float | Mapping[str, float]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -194,11 +197,11 @@ def _as_cache(
     )
 
 
-def _grad_enabled(fn: Callable[..., CoreUnits]) -> Callable[..., CoreUnits]:
+def _grad_enabled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     # The gates are optimised by autograd even when the caller runs under
     # torch.no_grad() or torch.inference_mode() (common around interpretation code).
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> CoreUnits:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with torch.inference_mode(False), torch.enable_grad():
             return fn(*args, **kwargs)
 
@@ -285,6 +288,57 @@ def find_core_units(
     return _select(cache, target_class, cfg, seed, progress, t0)
 
 
+#: How many selections sweep and reproduce optimise together (``find_core_units_batched``); a run
+#: stopped mid-batch redoes at most this many.
+BATCH_SELECTIONS = 10
+
+
+@_grad_enabled
+def find_core_units_batched(
+    model: nn.Module,
+    layers: LayerArg | Sequence[LayerArg],
+    selections: Sequence[tuple[int, int]],
+    data: Any,
+    config: SelectionConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    output_fn: OutputFn | None = None,
+    unit_dim: int | Sequence[int] | None = None,
+    engine: str = "auto",
+    **options: Any,
+) -> list[CoreUnits]:
+    """Several fixed-coefficient selections at once: one result per ``(target_class, seed)`` in ``selections``.
+
+    The gate sets are optimised in lock step over one cached activation tensor: each
+    step runs every set's batch of its own D'_c through the suffix in one pass, while
+    each set keeps its generators, optimiser and stopping rule. So each result is the
+    one :func:`find_core_units` gives for that class and seed, up to the rounding of
+    a larger matrix product (see ``benchmarks/batched.py`` for how often the units
+    differ, and the speed). ``seconds`` is the batch's wall time divided by its size;
+    ``settings["batched"]`` records the size. Arguments as :func:`find_core_units`;
+    target mode (``target_holding_rate``) refines each set alone and is refused here.
+    """
+    t0 = time.perf_counter()
+    cfg = (config or SelectionConfig()).with_options(**options).check()
+    if cfg.target_holding_rate is not None:
+        raise OptionError("find_core_units_batched runs fixed-coefficient selections; target mode refines each "
+                          "set alone: call find_core_units per class for target_holding_rate")
+    if not selections:
+        raise OptionError("no selections given; pass [(target_class, seed), ...]")
+    cache = _as_cache(model, layers, data, cfg.batch_size, output_fn, unit_dim, device, engine, progress,
+                      cfg.ablation)
+    jobs = [(check_class(int(c), cache.num_classes), int(seed)) for c, seed in selections]
+    runs = [(c, _build_gates(cache, c, cfg, seed)) for c, seed in jobs]
+    _optimise_together(cache, runs, progress)
+    results = [_result(cache, c, run, seed, t0) for (c, run), (_, seed) in zip(runs, jobs)]
+    share = (time.perf_counter() - t0) / len(results)
+    for r in results:
+        r.seconds = share
+        r.settings["batched"] = len(results)
+    return results
+
+
 @dataclass
 class _Optimisation:
     """The state of one gate optimisation: D'_c, the gates, ``w_b`` and the optimiser."""
@@ -339,61 +393,115 @@ def _build_gates(cache: ActivationCache, target_class: int, cfg: SelectionConfig
                          index_gen, noise_gen)
 
 
+@dataclass
+class _Stepping:
+    """One optimisation's place in the loop: its optimiser, batch order, epoch sums and stopping state."""
+
+    target_class: int
+    run: _Optimisation
+    opt: torch.optim.Optimizer
+    labels: torch.Tensor
+    probe_rows: torch.Tensor
+    perm: torch.Tensor
+    last_mask: torch.Tensor
+    step: int = 0
+    stable: int = 0
+    epoch_loss: float = 0.0
+    epoch_sq: float = 0.0
+    epoch_n: int = 0
+    done: bool = False
+
+    @classmethod
+    def start(cls, cache: ActivationCache, target_class: int, run: _Optimisation) -> _Stepping:
+        n = len(run.dprime)
+        return cls(target_class, run, torch.optim.Adam(run.params, lr=run.cfg.lr),
+                   run.dprime.labels.to(cache.device), run.dprime.index[: min(n, _PROBE_ROWS)],
+                   torch.randperm(n, generator=run.index_gen), torch.cat(run.hard()))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.run.dprime) / self.run.cfg.batch_size)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """This step's positions in D'_c, their cache rows and their sampled gates (the runs' own generators)."""
+        run, k = self.run, self.step % self.steps_per_epoch
+        if k == 0 and self.step > 0:
+            self.perm = torch.randperm(len(run.dprime), generator=run.index_gen)
+        batch = self.perm[k * run.cfg.batch_size : (k + 1) * run.cfg.batch_size]
+        idx = run.dprime.index.index_select(0, batch)
+        return batch, idx, [g.sample(idx.numel(), run.cfg.temperature, run.noise_gen) for g in run.gates]
+
+
 def _optimise(cache: ActivationCache, target_class: int, run: _Optimisation, progress: bool) -> None:
     """Adam on the objective until ``total_steps`` or settled; one history record per epoch."""
-    cfg, rows = run.cfg, run.dprime.index
-    labels = run.dprime.labels.to(cache.device)
-    n = len(run.dprime)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    opt = torch.optim.Adam(run.params, lr=cfg.lr)
-    probe_rows = rows[: min(n, _PROBE_ROWS)]
-    last_mask = torch.cat(run.hard())
-    stable = 0
-    epoch_loss, epoch_sq, epoch_n = 0.0, 0.0, 0
-    perm = torch.randperm(n, generator=run.index_gen)
-    bar = progress_bar(enabled=progress, total=run.total_steps, desc=f"class {target_class}", unit="step",
+    _optimise_together(cache, [(target_class, run)], progress)
+
+
+def _optimise_together(cache: ActivationCache, jobs: Sequence[tuple[int, _Optimisation]], progress: bool) -> None:
+    """Optimise several gate sets in lock step: each step runs all their batches through the suffix at once.
+
+    Each set keeps its own D'_c, generators, optimiser and stopping rule, so it takes
+    the steps it would take alone; only the suffix passes are shared (one launch for
+    S batches: what pays where a step is overhead, not arithmetic). With one job this
+    is the plain optimisation.
+    """
+    states = [_Stepping.start(cache, c, run) for c, run in jobs]
+    desc = f"class {jobs[0][0]}" if len(jobs) == 1 else f"{len(jobs)} selections"
+    bar = progress_bar(enabled=progress, total=sum(run.total_steps for _, run in jobs), desc=desc, unit="step",
                        leave=False)
     with bar, preserved_model_state(cache.model), cache.gated.activated():
-        for step in range(run.total_steps):
-            k = step % steps_per_epoch
-            if k == 0 and step > 0:
-                perm = torch.randperm(n, generator=run.index_gen)
-            batch = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-            idx = rows.index_select(0, batch)
-            sampled = [g.sample(idx.numel(), cfg.temperature, run.noise_gen) for g in run.gates]
-            scores = cache.suffix_scores(idx, sampled)
-            y_hat = center_score(center_margin(scores, target_class), run.log_wb.exp())
-            probs = torch.cat([g.probs() for g in run.gates])
-            lam_t = cfg.lam * _lambda_ramp(step, run.total_steps)
-            loss, sq = selection_loss(y_hat, labels.index_select(0, batch.to(cache.device)), probs, run.alpha, lam_t)
-            for p, g in zip(run.params, torch.autograd.grad(loss, run.params)):
+        while live := [st for st in states if not st.done]:
+            batches = [st.batch() for st in live]
+            rows = torch.cat([idx for _, idx, _ in batches]) if len(batches) > 1 else batches[0][1]
+            gates = [torch.cat(layer) if len(batches) > 1 else layer[0]
+                     for layer in zip(*(sampled for _, _, sampled in batches))]
+            all_scores = cache.suffix_scores(rows, gates).split([idx.numel() for _, idx, _ in batches])
+            losses = []
+            for st, (batch, idx, _), scores in zip(live, batches, all_scores):
+                run = st.run
+                y_hat = center_score(center_margin(scores, st.target_class), run.log_wb.exp())
+                probs = torch.cat([g.probs() for g in run.gates])
+                lam_t = run.cfg.lam * _lambda_ramp(st.step, run.total_steps)
+                loss, sq = selection_loss(y_hat, st.labels.index_select(0, batch.to(cache.device)), probs, run.alpha,
+                                          lam_t)
+                losses.append((loss, sq, probs, lam_t))
+                st.epoch_loss += float(loss.detach()) * idx.numel()
+                st.epoch_sq += float(sq.detach()) * idx.numel()
+                st.epoch_n += idx.numel()
+            params = [p for st in live for p in st.run.params]
+            # Each loss depends on its own set's parameters only: one backward gives every set its own gradient.
+            total = losses[0][0] if len(losses) == 1 else torch.stack([loss for loss, *_ in losses]).sum()
+            for p, g in zip(params, torch.autograd.grad(total, params)):
                 p.grad = g
-            opt.step()
-            epoch_loss += float(loss.detach()) * idx.numel()
-            epoch_sq += float(sq.detach()) * idx.numel()
-            epoch_n += idx.numel()
+            for st, (_, _, probs, lam_t) in zip(live, losses):
+                st.opt.step()
+                _after_step(cache, st, probs, lam_t, bar)
 
-            mask = torch.cat(run.hard())
-            stable = stable + 1 if torch.equal(mask, last_mask) else 0
-            last_mask = mask
-            bar.update(1)
-            settled = bool(
-                step >= run.total_steps // 2
-                and stable >= cfg.patience
-                and float(torch.minimum(probs, 1 - probs).detach().max()) < 0.1
-            )
-            if k == steps_per_epoch - 1 or step == run.total_steps - 1 or settled:
-                probe_gates = [h.float() for h in run.hard()]
-                rates = evaluate_gates(cache, probe_rows, probe_gates, target_class, w_b=run.w_b)
-                run.history.append({
-                    "step": step + 1, "loss": epoch_loss / epoch_n, "squared_error": epoch_sq / epoch_n,
-                    "soft_units": float(probs.detach().sum()), "hard_units": int(mask.sum()),
-                    "holding_rate_probe": rates.strict, "w_b": run.w_b, "lambda": lam_t,
-                })
-                epoch_loss, epoch_sq, epoch_n = 0.0, 0.0, 0
-                bar.set_postfix(units=int(mask.sum()), holding=f"{rates.strict:.3f}")
-            if settled:
-                break
+
+def _after_step(cache: ActivationCache, st: _Stepping, probs: torch.Tensor, lam_t: float, bar: Any) -> None:
+    """Count the step, write the epoch's history record, and stop the set once it is done or settled."""
+    run, cfg = st.run, st.run.cfg
+    mask = torch.cat(run.hard())
+    st.stable = st.stable + 1 if torch.equal(mask, st.last_mask) else 0
+    st.last_mask = mask
+    bar.update(1)
+    settled = bool(
+        st.step >= run.total_steps // 2
+        and st.stable >= cfg.patience
+        and float(torch.minimum(probs, 1 - probs).detach().max()) < 0.1
+    )
+    last = st.step == run.total_steps - 1
+    if st.step % st.steps_per_epoch == st.steps_per_epoch - 1 or last or settled:
+        rates = evaluate_gates(cache, st.probe_rows, [h.float() for h in run.hard()], st.target_class, w_b=run.w_b)
+        run.history.append({
+            "step": st.step + 1, "loss": st.epoch_loss / st.epoch_n, "squared_error": st.epoch_sq / st.epoch_n,
+            "soft_units": float(probs.detach().sum()), "hard_units": int(mask.sum()),
+            "holding_rate_probe": rates.strict, "w_b": run.w_b, "lambda": lam_t,
+        })
+        st.epoch_loss, st.epoch_sq, st.epoch_n = 0.0, 0.0, 0
+        bar.set_postfix(units=int(mask.sum()), holding=f"{rates.strict:.3f}")
+    st.step += 1
+    st.done = settled or last
 
 
 def _select(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
@@ -401,6 +509,11 @@ def _select(cache: ActivationCache, target_class: int, cfg: SelectionConfig, see
     """One plain selection: build the gates, optimise them, round and judge the mask on D'_c."""
     run = _build_gates(cache, target_class, cfg, seed)
     _optimise(cache, target_class, run, progress)
+    return _result(cache, target_class, run, seed, t0)
+
+
+def _result(cache: ActivationCache, target_class: int, run: _Optimisation, seed: int, t0: float) -> CoreUnits:
+    """An optimised run's rounded mask, judged on all of its D'_c, as a result."""
     hard = run.hard()
     final = evaluate_gates(cache, run.dprime.index, [h.float() for h in hard], target_class)
     specs = cache.specs
