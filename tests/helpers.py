@@ -126,3 +126,36 @@ def load_script(name: str):  # type: ignore[no-untyped-def]
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def signed_tokens(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """``(n, tokens, 2)`` inputs whose class is the sign of feature 0 (feature 1 is noise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, tokens, 2, generator=g)
+    sign = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
+    x[..., 0] = sign * (1.0 + 0.1 * x[..., 0].abs())
+    return x
+
+
+def plant_carrier_head(net: nn.Module, qkv_weight: torch.Tensor, proj_weight: torch.Tensor, heads: int,
+                       carrier: int, noise: float) -> None:
+    """Zero ``net`` (embed -> attention -> fc -> act -> out on signed_tokens) so that only head ``carrier`` sees the class.
+
+    Head ``carrier``'s values are input feature 0 (the class), every other head's ``noise`` x feature 1;
+    queries and keys stay 0, so attention is uniform; ``qkv_weight`` is laid out [q; k; v].
+    """
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.embed.weight[0, 0] = 1.0  # embedding dim 0: the signal
+        net.embed.weight[1, 1] = 1.0  # embedding dim 1: noise
+        dim = proj_weight.shape[0]
+        hd = dim // heads
+        values = qkv_weight[2 * dim:]
+        for h in range(heads):
+            values[h * hd, 0 if h == carrier else 1] = 1.0 if h == carrier else noise
+        proj_weight.copy_(torch.eye(dim))
+        net.fc.weight[0] = 1.0  # the sum of all heads' first features, and its negation
+        net.fc.weight[1] = -1.0
+        net.out.weight[1, 0], net.out.weight[1, 1] = 1.0, -1.0
+        net.out.weight[0, 0], net.out.weight[0, 1] = -1.0, 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from helpers import assert_untouched, plant_carrier_head, signed_tokens, snapshot
 from torch import nn
 
 from coreunits import Heads, LayerNotFoundError, Neurons, export_specialist, find_core_units, holding_rate, mask_units
@@ -46,29 +46,12 @@ def _planted() -> TinyTransformer:
     """Head CARRIER's values are the class signal (input feature 0); the other heads carry noise (feature 1)."""
     torch.manual_seed(0)
     net = TinyTransformer().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.embed.weight[0, 0] = 1.0  # embedding dim 0: the signal
-        net.embed.weight[1, 1] = 1.0  # embedding dim 1: noise
-        hd = DIM // HEADS
-        v = net.attn.qkv.weight[2 * DIM :]  # value rows; queries and keys stay 0, so attention is uniform
-        for h in range(HEADS):
-            v[h * hd, 0 if h == CARRIER else 1] = 1.0 if h == CARRIER else 0.3
-        net.attn.proj.weight.copy_(torch.eye(DIM))
-        net.fc.weight[0] = 1.0  # the sum of all heads' first features, and its negation
-        net.fc.weight[1] = -1.0
-        net.out.weight[1, 0], net.out.weight[1, 1] = 1.0, -1.0
-        net.out.weight[0, 0], net.out.weight[0, 1] = -1.0, 1.0
+    plant_carrier_head(net, net.attn.qkv.weight, net.attn.proj.weight, HEADS, CARRIER, noise=0.3)
     return net
 
 
 def _tokens(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, TOKENS, 2, generator=g)
-    sign = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
-    x[..., 0] = sign * (1.0 + 0.1 * x[..., 0].abs())  # the class: the sign of feature 0
-    return x
+    return signed_tokens(n, TOKENS, seed)
 
 
 def test_one_head_carries_the_class_and_is_found_alone() -> None:

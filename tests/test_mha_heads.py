@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_untouched, snapshot
+from helpers import assert_untouched, plant_carrier_head, signed_tokens, snapshot
 from torch import nn
 
 from coreunits import Heads, LayerNotFoundError, export_specialist, find_core_units, holding_rate, mask_units
@@ -51,29 +51,12 @@ class MhaNet(nn.Module):
 def _planted(batch_first: bool = True) -> MhaNet:
     """Head CARRIER's values are the class signal (input feature 0); the other heads carry noise (feature 1)."""
     net = MhaNet(batch_first).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.embed.weight[0, 0] = 1.0
-        net.embed.weight[1, 1] = 1.0
-        hd = DIM // HEADS
-        v = net.attn.in_proj_weight[2 * DIM:]  # value rows; queries and keys stay 0: uniform over allowed tokens
-        for h in range(HEADS):
-            v[h * hd, 0 if h == CARRIER else 1] = 1.0 if h == CARRIER else 0.1
-        net.attn.out_proj.weight.copy_(torch.eye(DIM))
-        net.fc.weight[0] = 1.0
-        net.fc.weight[1] = -1.0
-        net.out.weight[1, 0], net.out.weight[1, 1] = 1.0, -1.0
-        net.out.weight[0, 0], net.out.weight[0, 1] = -1.0, 1.0
+    plant_carrier_head(net, net.attn.in_proj_weight, net.attn.out_proj.weight, HEADS, CARRIER, noise=0.1)
     return net
 
 
 def _tokens(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, TOKENS, 2, generator=g)
-    sign = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
-    x[..., 0] = sign * (1.0 + 0.1 * x[..., 0].abs())  # the class: the sign of feature 0
-    return x
+    return signed_tokens(n, TOKENS, seed)
 
 
 def _without_heads(net: nn.Module, attn: str, keep: torch.Tensor) -> nn.Module:

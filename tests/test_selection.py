@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_untouched, snapshot
 from planted import PlantedNet
 from torch import nn
 
-from coreunits import ActivationCache, CoreUnits, find_core_units, holding_rate, mask_units
+from coreunits import (
+    ActivationCache,
+    CoreUnits,
+    OptionError,
+    find_core_units,
+    find_core_units_batched,
+    holding_rate,
+    mask_units,
+)
 
 
 def test_planted_truth_recovered(planted) -> None:
@@ -162,9 +171,6 @@ def test_result_round_trips_through_json(planted, tmp_path) -> None:
 
 
 def test_batched_selections_equal_one_at_a_time(planted) -> None:
-    from coreunits import OptionError, find_core_units_batched
-    from helpers import assert_untouched, snapshot
-
     model, x = planted
     snap = snapshot(model)
     cache = ActivationCache(model, "feat", x)
