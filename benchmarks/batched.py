@@ -1,6 +1,6 @@
 """Selections per second: one at a time against optimised together (find_core_units_batched).
 
-    python benchmarks/batched.py --data-root ../shared/data [--runs 1] [--out benchmarks/RESULTS.md]
+    python benchmarks/batched.py --data-root ../shared/data [--runs 1] [--device cuda] [--out benchmarks/RESULTS.md]
 
 The Table 1 workload of the paper's MNIST classifier (max1 and max2, classes 0-9, ``--runs`` seeds each, the
 paper's coefficients, D'_c from the training split), on one cache per layer: first every selection alone with
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=1, help="seeds per class")
     p.add_argument("--layers", nargs="+", default=["max2", "max1"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the cache and the gates live there)")
     p.add_argument("--out", type=Path, default=None, help="RESULTS.md to put the table in")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for layer in args.layers:
         coef = coefficients("mnist", [layer])
-        cache = ActivationCache(model, layer, data, batch_size=1000, progress=False)
+        cache = ActivationCache(model, layer, data, batch_size=1000, progress=False, device=args.device)
         t0 = time.perf_counter()
         alone = [find_core_units(model, layer, c, cache, seed=seed, progress=False, **coef) for c, seed in jobs]
         t_alone = time.perf_counter() - t0
@@ -67,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         del cache
     if args.out:
+        where = (f"CUDA {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda")
+                 else f"CPU, {args.threads} threads")
         lines = [
-            f"## Selections one at a time against optimised together (CPU, {args.threads} threads)", "",
-            f"`python benchmarks/batched.py --data-root ../shared/data --runs {args.runs} --out benchmarks/RESULTS.md`"
+            f"## Selections one at a time against optimised together ({where})", "",
+            f"`python benchmarks/batched.py --data-root ../shared/data --runs {args.runs} --device {args.device} "
+            "--out benchmarks/RESULTS.md`"
             f" on {source}; torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. The Table 1 workload (classes "
             f"0-9 x {args.runs} seed(s), the paper's coefficients), one at a time, then in batches of "
             f"{BATCH_SELECTIONS} (as sweep and reproduce run them) on the same cache.", "",
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['speedup']:.2f}x | {r['selections_per_s_alone']} | {r['selections_per_s_together']} | "
                   f"{r['same_units']}/{r['selections']} | {r['max_unit_difference']} | "
                   f"{r['same_strict_holding']}/{r['selections']} | {r['mean_units']} |" for r in rows]
-        write_section(args.out, "batched selections", lines)
+        write_section(args.out, f"batched selections {where}", lines)
     return 0
 
 
