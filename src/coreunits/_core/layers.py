@@ -13,8 +13,9 @@ unit over all tokens or positions: a transformer MLP's hidden neurons) and
 concatenated head outputs before the output projection, one unit over all
 tokens), for timm's ``Attention`` and for ``torch.nn.MultiheadAttention``
 (torchvision's ViT, ``nn.TransformerEncoderLayer``: see ``_core.mha``). A group
-of features gated as one unit is how heads are declared for any other model: ``Heads("name", num_heads=H)`` on a module whose output's last dim
-is the H heads' outputs side by side.
+of features gated as one unit is how heads are declared for any other model:
+``Heads("name", num_heads=H)`` on a module whose output's last dim is the H
+heads' outputs side by side.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ class Heads:
 
     ``name`` is a timm ``Attention`` (ViT, DeiT, ...: its heads are gated where
     they are concatenated, before ``proj``), a ``torch.nn.MultiheadAttention``
-    (torchvision's ViTs: the same point, before ``out_proj``; see ``_core.mha``), or any module whose output's last
-    dim is ``num_heads`` head outputs side by side (then ``num_heads`` is
-    required): that is how heads are declared for other models. Results are
-    keyed by ``"heads:<name>"`` (``"heads:<name>:<num_heads>"`` when given),
-    which names it wherever a layer name is accepted.
+    (torchvision's ViTs: the same point, before ``out_proj``; see ``_core.mha``),
+    or any module whose output's last dim is ``num_heads`` head outputs side by
+    side (then ``num_heads`` is required): that is how heads are declared for
+    other models. Results are keyed by ``"heads:<name>"``
+    (``"heads:<name>:<num_heads>"`` when given), which names it wherever a
+    layer name is accepted.
     """
 
     name: str
@@ -312,7 +314,8 @@ def _unit_wrapper(item: Neurons | Heads, named: dict[str, nn.Module], names: Seq
     if heads is None:
         raise LayerNotFoundError(
             f"Heads({item.name!r}): a {type(module).__name__} is not an attention module coreunits knows "
-            "(timm's Attention, nn.MultiheadAttention); give num_heads, with a module whose output's last dim is the heads side by side"
+            "(timm's Attention, nn.MultiheadAttention); give num_heads, with a module whose output's last dim "
+            "is the heads side by side"
         )
     if heads < 1:
         raise LayerNotFoundError(f"Heads({item.name!r}): num_heads must be >= 1, got {heads}")
