@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from coreunits._core.errors import DataError, OptionError
 from coreunits._core.layers import INPUT, LayerSpec
@@ -67,7 +66,7 @@ class Ablation:
         return self.mode == "zero"
 
     @contextmanager
-    def recording(self, model: nn.Module) -> Iterator[Callable[[torch.Tensor], None]]:
+    def recording(self) -> Iterator[Callable[[torch.Tensor], None]]:
         """Hooks that record each gated layer's clean output while the block runs the data through the model.
 
         Yields a function to call with each batch of inputs (the input layer is

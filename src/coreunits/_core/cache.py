@@ -154,7 +154,7 @@ class ActivationCache:
                 self.fallbacks["engine"] = f"forward hooks instead of the fx split: {self.gated.fallback_reason}"
             # A few real inputs, kept for building further splits of the model later.
             self.sample_inputs = first[:64].detach().to(self.device).clone()
-            with self.gated.activated(), self.ablation.recording(self.model) as record_inputs:
+            with self.gated.activated(), self.ablation.recording() as record_inputs:
                 for x in itertools.chain([first], batches):
                     x = x.to(self.device).detach()
                     record_inputs(x)
