@@ -34,7 +34,7 @@ from coreunits.data import (
     mnist_checksum,
     resolve_data_root,
 )
-from coreunits.models import CifarNet, MnistMLP, MnistNet, build_model
+from coreunits.models import CifarNet, CifarViT, MnistMLP, MnistNet, build_model
 from coreunits.train import evaluate_accuracy, load_model, load_named_or, metadata_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -544,6 +544,21 @@ def test_train_cifar10_smoke(tmp_path: Path) -> None:
     assert meta["model"] == "cifar10" and meta["train_size"] == 40
     model = load_model(tmp_path / "c.pt")
     assert isinstance(model, CifarNet)
+    vit = train_mod.train_cifar10(DATA, out_path=tmp_path / "v.pt", epochs=1, batch_size=16, progress=False,
+                                  device="cpu", cache=tmp_path / "cache", limit=40, model_name="cifar10_vit")
+    assert vit["model"] == "cifar10_vit" and vit["optimizer"] == "AdamW-onecycle" and vit["weight_decay"] == 0.05
+    assert isinstance(load_model(tmp_path / "v.pt"), CifarViT)
+
+
+@needs_cifar
+def test_the_bundled_cifar10_vit_reaches_its_recorded_test_accuracy() -> None:
+    from coreunits.paper import cifar10_split
+
+    path = REPO / "checkpoints" / "cifar10_vit.pt"
+    meta = json.loads(metadata_path(path).read_text())
+    assert meta["model"] == "cifar10_vit" and meta["complete"]
+    test = cifar10_split(DATA, train=False)
+    assert evaluate_accuracy(load_model(path), test) == pytest.approx(meta["test_accuracy"], abs=1e-4)
 
 
 def test_cifar_transforms() -> None:

@@ -18,11 +18,12 @@ from typing import Any
 
 from coreunits._core.ablation import ABLATIONS
 from coreunits._core.errors import CoreUnitsError, OptionError
+from coreunits.paper import MODELS
 
 __all__ = ["CHECKPOINT_STEMS", "METHOD_NAMES", "MNIST_LAYERS", "build_parser", "main"]
 
 #: ``coreunits train`` model -> checkpoint file stem.
-CHECKPOINT_STEMS = {"mnist": "mnist_cnn", "cifar10": "cifar10_cnn", "mnist_mlp": "mnist_mlp", "mnist_vit": "mnist_vit"}
+CHECKPOINT_STEMS = {name: Path(file).stem for name, file in MODELS.items()}
 
 #: What ``coreunits compare --methods`` accepts (captum_conductance runs only when named).
 METHOD_NAMES: tuple[str, ...] = (
@@ -376,9 +377,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "progress": not args.no_progress}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
-    if args.model in ("mnist_mlp", "mnist_vit"):
+    if args.model != "mnist":
         kwargs["model_name"] = args.model
-    fn = train.train_cifar10 if args.model == "cifar10" else train.train_mnist
+    fn = train.train_cifar10 if args.model.startswith("cifar10") else train.train_mnist
     meta = fn(**kwargs)
     print(f"test accuracy {100 * meta['test_accuracy']:.2f}% after {meta['epochs']} epochs; wrote {out}")
     return 0
@@ -648,7 +649,7 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("your own model and data (default: the paper's MNIST classifier and MNIST)")
     g.add_argument("--model", default=None,
                    help="torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, file.pt2 (torch.export), "
-                        "file.ts (TorchScript; --layer input only) or coreunits:mnist|mnist_mlp|mnist_vit|cifar10")
+                        "file.ts (TorchScript; --layer input only) or coreunits:" + "|".join(MODELS))
     g.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help="keyword arguments of the model's builder, e.g. '{\"num_classes\": 3}'")
     g.add_argument("--weights", default=None, metavar="FILE",
@@ -725,10 +726,11 @@ def _add_train(sub: Any) -> None:
                        description=cmd_train.__doc__)
     _add_common(p)
     p.add_argument("model", choices=list(CHECKPOINT_STEMS),
-                   help="the paper's CNNs (mnist, cifar10), a two-hidden-layer MLP (mnist_mlp) or a small "
-                   "ViT (mnist_vit) on MNIST")
+                   help="the paper's CNNs (mnist, cifar10), a two-hidden-layer MLP (mnist_mlp), a small "
+                   "ViT on MNIST (mnist_vit) or on CIFAR-10 (cifar10_vit)")
     p.add_argument("--out", default=None,
-                   help="checkpoint path (default: checkpoints/mnist_cnn.pt, cifar10_cnn.pt, mnist_mlp.pt or mnist_vit.pt)")
+                   help="checkpoint path (default: checkpoints/<the model's file>: "
+                   + ", ".join(MODELS.values()) + ")")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")
     p.set_defaults(func=cmd_train)

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "CifarNet", "MnistMLP", "MnistNet", "MnistViT", "PerImageStandardize", "build_model"]
+__all__ = [
+    "MODEL_NAMES", "CifarNet", "CifarViT", "MnistMLP", "MnistNet", "MnistViT", "PerImageStandardize", "SmallViT",
+    "build_model",
+]
 
 
 class MnistNet(nn.Module):
@@ -157,7 +160,6 @@ class CifarNet(nn.Module):
         return self.fc3(x)
 
 
-#: Names accepted by :func:`build_model`.
 class Attention(nn.Module):
     """Multi-head self-attention laid out as timm's ``Attention``: ``qkv``, the heads side by side, ``norm``, ``proj``.
 
@@ -208,22 +210,24 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MnistViT(nn.Module):
-    """A small vision transformer for MNIST: a classifier whose units are attention heads and MLP neurons.
+class SmallViT(nn.Module):
+    """A small vision transformer: a classifier whose units are attention heads and MLP neurons.
 
-    7x7 patches (16 tokens and a class token) -> 6 pre-norm blocks of 6 heads
-    (dim 96, MLP 192) -> LayerNorm -> head on the class token. Sized for training
-    on two CPU cores. Block ``i``'s heads are ``heads:blocks.i.attn`` (6 units, its
-    ``Attention`` is laid out as timm's) and its MLP neurons ``neurons:blocks.i.mlp.act``
-    (192 units, each over all tokens).
+    Square patches (a class token beside them) -> ``depth`` pre-norm blocks of
+    ``num_heads`` heads -> LayerNorm -> a linear head on the class token. Block
+    ``i``'s heads are ``heads:blocks.i.attn`` (its ``Attention`` is laid out as
+    timm's) and its MLP neurons ``neurons:blocks.i.mlp.act`` (each over all tokens).
 
-    Input: float images (N, 1, 28, 28) in [0, 1]. Output: logits (N, 10).
+    Input: float images (N, in_chans, image_size, image_size) in [0, 1], shifted
+    by -0.5 (``standardize=False``) or standardised per image. Output: logits (N, 10).
     """
 
-    def __init__(self, dim: int = 96, depth: int = 6, num_heads: int = 6, patch: int = 7, mlp_ratio: int = 2) -> None:
+    def __init__(self, image_size: int, in_chans: int, patch: int, dim: int = 96, depth: int = 6,
+                 num_heads: int = 6, mlp_ratio: int = 2, standardize: bool = False) -> None:
         super().__init__()
-        tokens = (28 // patch) ** 2
-        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
+        tokens = (image_size // patch) ** 2
+        self.standardize = PerImageStandardize() if standardize else None
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
         self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio) for _ in range(depth)))
@@ -231,14 +235,37 @@ class MnistViT(nn.Module):
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 10) of images (N, 1, 28, 28)."""
-        x = self.patch_embed(x - 0.5).flatten(2).transpose(1, 2)
+        """Logits (N, 10) of images (N, in_chans, image_size, image_size)."""
+        x = self.standardize(x) if self.standardize is not None else x - 0.5
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
 
 
-MODEL_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist_mlp", "mnist_vit")
+class MnistViT(SmallViT):
+    """The MNIST ViT: 7x7 patches (16 tokens), 6 blocks of 6 heads, dim 96, MLP 192 neurons; sized for 2 CPU cores.
+
+    Input: float images (N, 1, 28, 28) in [0, 1].
+    """
+
+    def __init__(self) -> None:
+        super().__init__(image_size=28, in_chans=1, patch=7)
+
+
+class CifarViT(SmallViT):
+    """The CIFAR-10 ViT: 4x4 patches of the 24x24 central crop (36 tokens), 6 blocks of 6 heads, dim 96, MLP 192.
+
+    Input: float images (N, 3, 24, 24) in [0, 1], as the paper's CIFAR-10 net takes them;
+    each is standardised per image, as that net does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(image_size=24, in_chans=3, patch=4, standardize=True)
+
+
+#: Names accepted by :func:`build_model`.
+MODEL_NAMES: tuple[str, ...] = ("mnist", "cifar10", "mnist_mlp", "mnist_vit", "cifar10_vit")
 
 
 def build_model(name: str) -> nn.Module:
@@ -246,7 +273,8 @@ def build_model(name: str) -> nn.Module:
 
     Args:
         name: ``"mnist"`` for :class:`MnistNet`, ``"cifar10"`` for :class:`CifarNet`,
-            ``"mnist_mlp"`` for :class:`MnistMLP`, ``"mnist_vit"`` for :class:`MnistViT` (case-insensitive).
+            ``"mnist_mlp"`` for :class:`MnistMLP`, ``"mnist_vit"`` for :class:`MnistViT`, ``"cifar10_vit"`` for
+            :class:`CifarViT` (case-insensitive).
 
     Returns:
         The freshly initialised model.
@@ -263,4 +291,6 @@ def build_model(name: str) -> nn.Module:
         return MnistMLP()
     if key == "mnist_vit":
         return MnistViT()
+    if key == "cifar10_vit":
+        return CifarViT()
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")

@@ -27,13 +27,13 @@ __all__ = ["COEFFICIENTS", "MODELS", "cifar10_data", "coefficients", "default_ch
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: The bundled classifiers (the paper's two, and an MLP and a ViT on MNIST) and their checkpoint files.
+#: The bundled classifiers (the paper's two, an MLP and a ViT on MNIST, a ViT on CIFAR-10) and their checkpoints.
 MODELS: dict[str, str] = {"mnist": "mnist_cnn.pt", "cifar10": "cifar10_cnn.pt", "mnist_mlp": "mnist_mlp.pt",
-                          "mnist_vit": "mnist_vit.pt"}
+                          "mnist_vit": "mnist_vit.pt", "cifar10_vit": "cifar10_vit.pt"}
 
 
 def default_checkpoint(model: str = "mnist") -> Path:
-    """The bundled checkpoint of ``model`` ("mnist" or "cifar10", the paper's; "mnist_mlp" or "mnist_vit").
+    """The bundled checkpoint of ``model`` (a key of :data:`MODELS`: "mnist" and "cifar10" are the paper's).
 
     Looked up under ``./checkpoints`` first, then next to the source tree.
 

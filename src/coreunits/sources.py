@@ -7,7 +7,7 @@ A model spec is one of
 - ``path/to/file.py:FACTORY`` (a function of that file that returns the model),
 - ``file.pt2`` (a ``torch.export`` program, unflattened so its layers keep their names),
 - ``file.ts`` (TorchScript: only ``--layer input`` can be gated, as ScriptModules take no hooks),
-- ``coreunits:NAME`` (a classifier of this package: ``mnist``, ``cifar10``, ``mnist_mlp``, ``mnist_vit``; ``--weights``
+- ``coreunits:NAME`` (a classifier of this package, a key of ``coreunits.paper.MODELS``; ``--weights``
   defaults to its bundled checkpoint).
 
 Weights are a ``state_dict`` in a ``.pt``/``.pth``/``.bin`` file (plain, or under a ``state_dict`` or ``model``
@@ -41,6 +41,7 @@ from torch.utils.data import Dataset, Subset
 
 from coreunits._core.errors import MissingDataError, OptionError
 from coreunits._core.layers import close_names
+from coreunits.paper import MODELS
 
 __all__ = [
     "IMAGENET_NORMALIZATION",
@@ -61,7 +62,7 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 #: torchvision's ImageNet mean and standard deviation (``--normalize imagenet``).
 IMAGENET_NORMALIZATION: Normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-_BUNDLED = ("mnist", "cifar10", "mnist_mlp", "mnist_vit")
+_BUNDLED = tuple(MODELS)
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -229,7 +230,7 @@ def load_model(spec: str, model_kwargs: dict[str, Any] | None = None, weights: s
     else:
         raise OptionError(
             f"--model {spec!r} is not a model spec; use torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, "
-            "file.pt2 (torch.export), file.ts (TorchScript) or coreunits:mnist|cifar10|mnist_mlp|mnist_vit"
+            "file.pt2 (torch.export), file.ts (TorchScript) or coreunits:" + "|".join(_BUNDLED)
         )
     if weights is not None:
         load_weights(model, weights, spec)

@@ -422,6 +422,18 @@ def _fit(
     return meta
 
 
+#: AdamW's weight decay in the ViTs' recipe.
+VIT_WEIGHT_DECAY = 0.05
+
+
+def _vit_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The usual recipe for a ViT: AdamW, 10% warm-up, then one-cycle decay (attention is unstable at a high rate
+    early on)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
 def train_mnist(
     data_root: str | os.PathLike[str] | None = None,
     out_path: str | os.PathLike[str] = "checkpoints/mnist_cnn.pt",
@@ -471,14 +483,12 @@ def train_mnist(
     torch.manual_seed(seed)
     model = build_model(model_name).to(dev)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    optimizer: torch.optim.Optimizer
     if model_name == "mnist_vit":
-        # The usual recipe for a ViT (AdamW, warm-up then decay): attention is unstable at a high rate early on.
         epochs = 12 if epochs is None else epochs
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-        steps = epochs * math.ceil(len(train_ds) / batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+        optimizer, scheduler = _vit_optimizer(model, lr, VIT_WEIGHT_DECAY, epochs * math.ceil(len(train_ds) / batch_size))
         config = {"seed": seed, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW-onecycle",
-                  "weight_decay": 0.05}
+                  "weight_decay": VIT_WEIGHT_DECAY}
     else:
         epochs = 3 if epochs is None else epochs
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -511,25 +521,42 @@ def train_mnist(
     )
 
 
+def _cifar10_optimizer(model_name: str, model: nn.Module, lr: float | None, weight_decay: float | None, steps: int,
+                       ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, dict[str, Any]]:
+    """(optimizer, schedule, their settings) of a CIFAR-10 model's recipe (see :func:`train_cifar10`)."""
+    if model_name == "cifar10_vit":
+        lr = 1e-3 if lr is None else lr
+        weight_decay = VIT_WEIGHT_DECAY if weight_decay is None else weight_decay
+        optimizer, scheduler = _vit_optimizer(model, lr, weight_decay, steps)
+        return optimizer, scheduler, {"lr": lr, "optimizer": "AdamW-onecycle", "weight_decay": weight_decay}
+    lr = 0.05 if lr is None else lr
+    weight_decay = 5e-4 if weight_decay is None else weight_decay
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    return optimizer, scheduler, {"lr": lr, "optimizer": "SGD-nesterov", "weight_decay": weight_decay}
+
+
 def train_cifar10(
     data_root: str | os.PathLike[str] | None = None,
     out_path: str | os.PathLike[str] = "checkpoints/cifar10_cnn.pt",
     epochs: int = 30,
     seed: int = 0,
     batch_size: int = 128,
-    lr: float = 0.05,
+    lr: float | None = None,
     progress: bool = True,
     *,
     resume: bool = True,
     device: str | torch.device | None = None,
-    weight_decay: float = 5e-4,
+    weight_decay: float | None = None,
     cache: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    model_name: str = "cifar10",
 ) -> dict[str, Any]:
-    """Train :class:`coreunits.models.CifarNet` on CIFAR-10.
+    """Train :class:`coreunits.models.CifarNet` (or the CIFAR-10 ViT) on CIFAR-10.
 
-    SGD with Nesterov momentum 0.9 under a one-cycle learning-rate schedule peaking
-    at ``lr``. Training batches get :func:`cifar10_train_transform` (random 24x24
+    The CNN: SGD with Nesterov momentum 0.9 under a one-cycle learning-rate schedule
+    peaking at ``lr`` (default 0.05, weight decay 5e-4). The ViT (``model_name="cifar10_vit"``):
+    AdamW (default peak 1e-3, weight decay 0.05), 10% warm-up, one-cycle decay. Training batches get :func:`cifar10_train_transform` (random 24x24
     crops, flips, brightness/contrast jitter); evaluation uses the central crop.
     Checkpoint, metadata and resume state are written after every epoch, and by
     default an interrupted run continues from the last finished epoch.
@@ -541,13 +568,14 @@ def train_cifar10(
         epochs: Number of epochs (also fixes the length of the LR schedule).
         seed: Random seed.
         batch_size: Mini-batch size.
-        lr: Peak learning rate of the one-cycle schedule.
+        lr: Peak learning rate of the one-cycle schedule (default: the model's recipe, see above).
         progress: Show tqdm progress bars and a summary line per epoch.
         resume: Continue from ``<out>.resume.pt`` when present.
         device: Device to train on; default CUDA when available, else CPU.
-        weight_decay: SGD weight decay.
+        weight_decay: Weight decay (default: the model's recipe).
         cache: Cache directory for the decoded JPEG arrays.
         limit: Use at most this many training and test images (smoke tests only).
+        model_name: ``"cifar10"`` (the paper's CNN) or ``"cifar10_vit"``.
 
     Returns:
         The metadata dictionary that was written to the JSON file.
@@ -565,20 +593,13 @@ def train_cifar10(
     dev = _resolve_device(device)
 
     torch.manual_seed(seed)
-    model = build_model("cifar10").to(dev)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
-    )
-    steps_per_epoch = math.ceil(len(train_ds) / batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
-    )
+    model = build_model(model_name).to(dev)
+    optimizer, scheduler, recipe = _cifar10_optimizer(model_name, model, lr, weight_decay,
+                                                      epochs * math.ceil(len(train_ds) / batch_size))
     config = {
         "seed": seed,
         "batch_size": batch_size,
-        "lr": lr,
-        "optimizer": "SGD-nesterov",
-        "weight_decay": weight_decay,
+        **recipe,
         "schedule": "one-cycle",
         "epochs_planned": epochs,
         "limit": limit,
@@ -589,7 +610,7 @@ def train_cifar10(
         "test_size": len(test_ds),
     }
     return _fit(
-        model_name="cifar10",
+        model_name=model_name,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
