@@ -7,7 +7,7 @@ from torch import nn
 
 
 class PlantedNet(nn.Module):
-    """8-channel conv net where only channels {1, 4} carry class 0's evidence.
+    """8-channel (or ``channels``) conv net where only channels {1, 4} carry class 0's evidence.
 
     ``feat`` is an 8-channel conv + ReLU; ``pool`` averages each channel; the
     head gives class 0 the score ``3 * (f1 + f4) + b`` and classes 1 and 2
@@ -17,16 +17,16 @@ class PlantedNet(nn.Module):
 
     TRUE_UNITS = [1, 4]
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, channels: int = 8) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.feat = nn.Conv2d(1, 8, 3, padding=1)
+        self.feat = nn.Conv2d(1, channels, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.head = nn.Linear(8, 3)
+        self.head = nn.Linear(channels, 3)
         with torch.no_grad():
-            self.feat.weight.copy_(torch.randn(8, 1, 3, 3, generator=g) * 0.5)
+            self.feat.weight.copy_(torch.randn(channels, 1, 3, 3, generator=g) * 0.5)
             self.feat.bias.zero_()
             self.head.weight.zero_()
             self.head.weight[0, 1] = 3.0

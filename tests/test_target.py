@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from planted import PlantedNet
+from planted import PlantedNet, planted_data
 
 from coreunits import ActivationCache, find_core_units
 from coreunits._core.stability import stability
@@ -215,6 +215,34 @@ def test_target_mode_recovers_planted_units_and_reports_before_after(planted) ->
     assert by_gate.settings["target"]["drop_order"] == "gate"
     with pytest.raises(ValueError, match="drop_order"):
         find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99, drop_order="best")
+
+
+def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units() -> None:
+    import itertools
+
+    from coreunits import holding_rate
+    from coreunits._core.result import CoreUnits
+
+    model = PlantedNet(channels=6)
+    x = planted_data(model)
+    r = find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99)
+    assert r.units["feat"] == PlantedNet.TRUE_UNITS
+    t = r.settings["target"]
+    # 63 smaller sets: all tried in size order, no gates optimised.
+    assert t["calibration"] == [] and t["drop_order"] == "exhaustive" and t["smallest"] and t["reached"]
+    assert r.history == [] and r.w_b["learned"] is None
+    assert r.gates["feat"].tolist() == r.masks["feat"].float().tolist()
+    assert r.holding_rate_strict == pytest.approx(t["holding_rate_after"]) and r.holding_rate_strict >= 0.99
+    # No set of fewer units reaches the target (checked through the public holding rate).
+    for units in itertools.chain.from_iterable(itertools.combinations(range(6), k) for k in range(2)):
+        mask = torch.zeros(6, dtype=torch.bool)
+        mask[list(units)] = True
+        assert holding_rate(model, {"feat": mask}, 0, x, build_dprime_first=True) < 0.99
+    assert CoreUnits.from_dict(r.to_dict()).w_b["learned"] is None
+    # Eight units (255 smaller sets) are too many: the gates are optimised, as before.
+    wide = PlantedNet(channels=8)
+    r8 = find_core_units(wide, "feat", 0, planted_data(wide), progress=False, target_holding_rate=0.99)
+    assert len(r8.settings["target"]["calibration"]) >= 1 and r8.settings["target"]["drop_order"] == "least_harm"
 
 
 def test_target_mode_lowers_alpha_when_the_first_try_misses(planted) -> None:

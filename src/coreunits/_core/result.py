@@ -43,7 +43,8 @@ class CoreUnits:
     Attributes:
         target_class: class c.
         units: sorted kept unit indices per layer (flat indices for multi-dim units).
-        gates: final gate values ``b`` in [0, 1] per layer, shaped like the units.
+        gates: final gate values ``b`` in [0, 1] per layer, shaped like the units (the mask, 1.0 or 0.0, where
+            target mode tried every smaller set without optimising gates).
         masks: hard masks per layer (True = kept), shaped like the units.
         num_units: number of kept units per layer.
         total_units: number of units per layer.
@@ -55,7 +56,8 @@ class CoreUnits:
         settings: coefficients and options used (alpha, lam, epochs, ...).
         seed: the seed.
         dprime: sizes of D'_c (positives, negatives) and any note.
-        w_b: the learned center-classifier weight and its refit on the hard mask.
+        w_b: the learned center-classifier weight (None where no gates were optimised) and its refit on the
+            hard mask.
         seconds: wall time of the selection.
     """
 
@@ -71,7 +73,7 @@ class CoreUnits:
     settings: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dprime: dict[str, Any] = field(default_factory=dict)
-    w_b: dict[str, float] = field(default_factory=dict)
+    w_b: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property

@@ -49,7 +49,16 @@ from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
 from coreunits._core.objective import center_margin, center_score, selection_loss
 from coreunits._core.progress import progress_bar
 from coreunits._core.result import CoreUnits
-from coreunits._core.target import DROP_ORDERS, mask_judge, prefer_add_back, refine_mask
+from coreunits._core.target import (
+    DROP_ORDERS,
+    Judge,
+    Refinement,
+    every_subset_few,
+    mask_judge,
+    prefer_add_back,
+    refine_mask,
+    smallest_set,
+)
 
 __all__ = ["DEFAULTS", "SelectionConfig", "find_core_units"]
 
@@ -518,10 +527,8 @@ def _result(cache: ActivationCache, target_class: int, run: _Optimisation, seed:
     final = evaluate_gates(cache, run.dprime.index, [h.float() for h in hard], target_class)
     specs = cache.specs
     units = {s.name: torch.nonzero(h).flatten().tolist() for s, h in zip(specs, hard)}
-    settings = run.cfg.settings() | {
+    settings = _run_settings(cache, run.cfg) | {
         "steps_run": len(run.history) and run.history[-1]["step"], "total_steps": run.total_steps,
-        "engine": cache.gated.engine, "prefix_cached": cache.cached, "fallbacks": dict(cache.fallbacks),
-        "ablation": cache.ablation.mode,
     }
     return CoreUnits(
         target_class=target_class,
@@ -540,6 +547,12 @@ def _result(cache: ActivationCache, target_class: int, run: _Optimisation, seed:
         w_b={"learned": run.w_b, "refit": final.w_b},
         seconds=time.perf_counter() - t0,
     )
+
+
+def _run_settings(cache: ActivationCache, cfg: SelectionConfig) -> dict[str, Any]:
+    """The settings every result records: the config, the engine, its fallbacks and the ablation."""
+    return cfg.settings() | {"engine": cache.gated.engine, "prefix_cached": cache.cached,
+                             "fallbacks": dict(cache.fallbacks), "ablation": cache.ablation.mode}
 
 
 def _scaled(alpha: AlphaArg, factor: float) -> float | dict[str, float]:
@@ -581,37 +594,62 @@ def _calibrate(cache: ActivationCache, target_class: int, cfg: SelectionConfig, 
 
 def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
                      t0: float) -> CoreUnits:
-    """Target mode: calibrate alpha downwards until the target is met or nearly, then refine (see ``_core.target``)."""
+    """Target mode: calibrate alpha downwards until the target is met or nearly, then refine (see ``_core.target``).
+
+    Where every smaller set can be tried (a few units, such as a block's heads), they are, and no gates are
+    optimised: the result is a smallest set, found for less than one optimisation costs.
+    """
     assert cfg.target_holding_rate is not None
     target = float(cfg.target_holding_rate)
-    best, best_rate, attempts = _calibrate(cache, target_class, cfg, seed, progress)
     gen = torch.Generator().manual_seed(seed)
     dprime = build_dprime(cache.predictions, target_class, generator=gen, positives_only=cfg.positives_only)
-    judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
     specs = cache.specs
+    num_units = sum(s.num_units for s in specs)
+    if every_subset_few(num_units):
+        judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
+        refined = smallest_set(judge, num_units, target)
+        pieces = refined.mask.split([s.num_units for s in specs])
+        start = CoreUnits(target_class=target_class, units={}, gates={s.name: p.float().reshape(s.unit_shape)
+                                                                      for s, p in zip(specs, pieces)},
+                          masks={}, num_units={}, total_units={s.name: s.num_units for s in specs},
+                          holding_rate=1.0, holding_rate_strict=1.0, settings=_run_settings(cache, cfg),
+                          seed=seed, dprime={"size": len(dprime), "positives": dprime.num_positive,
+                                             "negatives": dprime.num_negative, "note": dprime.note},
+                          w_b={"learned": None})
+        return _refined_result(cache, start, judge, refined, target, cfg, [], t0)
+    best, best_rate, attempts = _calibrate(cache, target_class, cfg, seed, progress)
+    judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
     mask = torch.cat([best.masks[s.name].flatten() for s in specs])
     values = torch.cat([best.gates[s.name].flatten() for s in specs])
     # The best run's rate was measured on this D'_c by the same path: not measured again.
     refined = refine_mask(judge, mask, values, target, cfg.drop_order, rate=best_rate)
-    pieces = refined.mask.split([s.num_units for s in specs])
+    return _refined_result(cache, best, judge, refined, target, cfg, attempts, t0)
+
+
+def _refined_result(cache: ActivationCache, base: CoreUnits, judge: Judge, refined: Refinement, target: float, cfg: SelectionConfig,
+                    attempts: list[dict[str, Any]], t0: float) -> CoreUnits:
+    """``base`` (the calibrated run, or an empty start) with target mode's refined mask and its figures."""
+    specs = [(name, total) for name, total in base.total_units.items()]
+    shapes = {name: base.gates[name].shape for name, _ in specs}
+    pieces = refined.mask.split([total for _, total in specs])
     # The refined mask was usually just verified on D'_c: the judge answers from those scores.
     assert judge.rates is not None
     final = judge.rates(refined.mask)
-    units = {s.name: torch.nonzero(p).flatten().tolist() for s, p in zip(specs, pieces)}
-    settings = best.settings | {"target_holding_rate": target}
+    units = {name: torch.nonzero(p).flatten().tolist() for (name, _), p in zip(specs, pieces)}
+    settings = base.settings | {"target_holding_rate": target}
     settings["target"] = {
         "target_holding_rate": target, "reading": cfg.reading, "reached": refined.holding_rate >= target,
         "calibration": attempts, **refined.to_dict(),
     }
     settings["fallbacks"] = dict(cache.fallbacks)
     return dataclasses.replace(
-        best,
+        base,
         units=units,
-        masks={s.name: p.reshape(s.unit_shape) for s, p in zip(specs, pieces)},
+        masks={name: p.reshape(shapes[name]) for (name, _), p in zip(specs, pieces)},
         num_units={k: len(v) for k, v in units.items()},
         holding_rate=final.paper,
         holding_rate_strict=final.strict,
         settings=settings,
-        w_b={"learned": best.w_b["learned"], "refit": final.w_b},
+        w_b={"learned": base.w_b["learned"], "refit": final.w_b},
         seconds=time.perf_counter() - t0,
     )
