@@ -217,11 +217,12 @@ def test_target_mode_recovers_planted_units_and_reports_before_after(planted) ->
         find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99, drop_order="best")
 
 
-def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units() -> None:
+def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units(capsys) -> None:
     import itertools
 
     from coreunits import holding_rate
     from coreunits._core.result import CoreUnits
+    from coreunits.cli import _print_found
 
     model = PlantedNet(channels=6)
     x = planted_data(model)
@@ -239,6 +240,9 @@ def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units() -> 
         mask[list(units)] = True
         assert holding_rate(model, {"feat": mask}, 0, x, build_dprime_first=True) < 0.99
     assert CoreUnits.from_dict(r.to_dict()).w_b["learned"] is None
+    _print_found(r, "planted")
+    assert "every set smaller than all 6 units tried, smallest first (no gates optimised): 2 after" in \
+        capsys.readouterr().out
     # Eight units (255 smaller sets) are too many: the gates are optimised, as before.
     wide = PlantedNet(channels=8)
     r8 = find_core_units(wide, "feat", 0, planted_data(wide), progress=False, target_holding_rate=0.99)

@@ -153,10 +153,11 @@ def _print_found(r: Any, source: str) -> None:
     print(f"data: {source}")
     if "target" in r.settings:
         t = r.settings["target"]
-        print(f"target {t['target_holding_rate']:.2%} ({t['reading']} reading): "
-              f"{t['units_before']} units before refinement ({t['holding_rate_before']:.2%}), "
-              f"{t['units_after']} after ({t['holding_rate_after']:.2%})"
-              + ("" if t["reached"] else "; NOT reached"))
+        how = (f"every set smaller than all {t['units_before']} units tried, smallest first (no gates optimised): "
+               if t["drop_order"] == "exhaustive" else
+               f"{t['units_before']} units before refinement ({t['holding_rate_before']:.2%}), ")
+        print(f"target {t['target_holding_rate']:.2%} ({t['reading']} reading): {how}"
+              f"{t['units_after']} after ({t['holding_rate_after']:.2%})" + ("" if t["reached"] else "; NOT reached"))
     for layer in r.layers:
         print(f"{layer}: {r.num_units[layer]} / {r.total_units[layer]} units: {r.units[layer]}")
     print(f"holding rate on D'_c: {100 * r.holding_rate:.2f}% (paper reading), "
