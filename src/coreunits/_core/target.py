@@ -334,19 +334,28 @@ def smallest_set(judge: Judge, num_units: int, target: float) -> Refinement:
 
     For layers of a few units (:func:`every_subset_few`: a block's attention heads),
     where one gate optimisation costs more than all the trials: each trial is one
-    early-exit test on D'_c. Within a size, sets of the units whose removal from
-    the full set harms the probe most are tried first (one probe pass per unit),
-    so the set that reaches is usually met early. The full set always holds (no
-    unit is ablated), so the result reaches the target.
+    early-exit test on D'_c. The empty set is tried first (later blocks of a ViT
+    often need no head); then, within a size, sets of the units whose removal
+    from the full set harms the probe most are tried first (one probe pass per
+    unit), so the set that reaches is usually met early. The full set keeps every
+    decision in the strict reading (no unit is ablated), so there the result
+    reaches the target.
     """
     full = torch.ones(num_units, dtype=torch.bool)
     out = Refinement(full, 1.0, num_units, 1.0, drop_order="exhaustive")
+    empty = torch.zeros(num_units, dtype=torch.bool)
+    reached, rate = judge.reaches(empty, target)
+    out.evaluations += 1
+    if reached:
+        out.dropped, out.smallest = list(range(num_units)), True
+        out.mask, out.holding_rate = empty, rate
+        return out
     harm = torch.zeros(num_units)
     if judge.probe is not None:
         kept_share = judge.probe(full)[0]
         harm = torch.tensor([kept_share - judge.probe(without(full, j))[0] for j in range(num_units)])
         out.probe_evaluations += num_units + 1
-    mask, rate = _smallest_by_trial(judge, full, 1.0, harm, target, out)
+    mask, rate = _smallest_by_trial(judge, full, 1.0, harm, target, out, min_size=1)
     if not out.smallest or bool(mask.all()):
         rate = judge.holding(mask)  # the full set's rate, measured rather than assumed
         out.evaluations += 1
@@ -355,8 +364,11 @@ def smallest_set(judge: Judge, num_units: int, target: float) -> Refinement:
 
 
 def _smallest_by_trial(judge: Judge, mask: torch.Tensor, rate: float, values: torch.Tensor, target: float,
-                       out: Refinement) -> tuple[torch.Tensor, float]:
-    """Every set smaller than ``mask``, smallest first (highest gates first within a size), where they are few."""
+                       out: Refinement, min_size: int = 0) -> tuple[torch.Tensor, float]:
+    """Every set smaller than ``mask``, smallest first (highest gates first within a size), where they are few.
+
+    Sets of fewer than ``min_size`` units are known to miss and are not tried again.
+    """
     n, k = mask.numel(), int(mask.sum())
     count = 0
     for size in range(k):  # counted until over the bound: the full sum is a big-integer job on wide layers
@@ -364,7 +376,7 @@ def _smallest_by_trial(judge: Judge, mask: torch.Tensor, rate: float, values: to
         if count > EXHAUSTIVE_MASKS:
             return mask, rate
     out.smallest = True
-    for size in range(k):
+    for size in range(min_size, k):
         for units in sorted(itertools.combinations(range(n), size), key=lambda u: -float(values[list(u)].sum())):
             trial = torch.zeros(n, dtype=torch.bool)
             trial[list(units)] = True
