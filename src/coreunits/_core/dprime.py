@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,10 @@ class DPrime:
     num_positive: int
     num_negative: int
     note: str | None = None
+
+    def sizes(self) -> dict[str, Any]:
+        """What a result records of D'_c: its size, positives, negatives and note."""
+        return {"size": len(self), "positives": self.num_positive, "negatives": self.num_negative, "note": self.note}
 
     def __len__(self) -> int:
         return int(self.index.numel())

@@ -542,8 +542,7 @@ def _result(cache: ActivationCache, target_class: int, run: _Optimisation, seed:
         history=run.history,
         settings=settings,
         seed=seed,
-        dprime={"size": len(run.dprime), "positives": run.dprime.num_positive,
-                "negatives": run.dprime.num_negative, "note": run.dprime.note},
+        dprime=run.dprime.sizes(),
         w_b={"learned": run.w_b, "refit": final.w_b},
         seconds=time.perf_counter() - t0,
     )
@@ -608,15 +607,8 @@ def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionCo
     if every_subset_few(num_units):
         judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
         refined = smallest_set(judge, num_units, target)
-        pieces = refined.mask.split([s.num_units for s in specs])
-        start = CoreUnits(target_class=target_class, units={}, gates={s.name: p.float().reshape(s.unit_shape)
-                                                                      for s, p in zip(specs, pieces)},
-                          masks={}, num_units={}, total_units={s.name: s.num_units for s in specs},
-                          holding_rate=1.0, holding_rate_strict=1.0, settings=_run_settings(cache, cfg),
-                          seed=seed, dprime={"size": len(dprime), "positives": dprime.num_positive,
-                                             "negatives": dprime.num_negative, "note": dprime.note},
-                          w_b={"learned": None})
-        return _refined_result(cache, start, judge, refined, target, cfg, [], t0)
+        return _refined_result(cache, _unoptimised(cache, target_class, cfg, seed, dprime, refined.mask), judge,
+                               refined, target, cfg, [], t0)
     best, best_rate, attempts = _calibrate(cache, target_class, cfg, seed, progress)
     judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
     mask = torch.cat([best.masks[s.name].flatten() for s in specs])
@@ -626,10 +618,23 @@ def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionCo
     return _refined_result(cache, best, judge, refined, target, cfg, attempts, t0)
 
 
-def _refined_result(cache: ActivationCache, base: CoreUnits, judge: Judge, refined: Refinement, target: float, cfg: SelectionConfig,
-                    attempts: list[dict[str, Any]], t0: float) -> CoreUnits:
-    """``base`` (the calibrated run, or an empty start) with target mode's refined mask and its figures."""
-    specs = [(name, total) for name, total in base.total_units.items()]
+def _unoptimised(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, dprime: DPrime,
+                 mask: torch.Tensor) -> CoreUnits:
+    """The start of a result whose units were found without gates: its gate values are the mask, no history."""
+    specs = cache.specs
+    pieces = mask.split([s.num_units for s in specs])
+    return CoreUnits(
+        target_class=target_class, units={}, masks={}, num_units={},
+        gates={s.name: p.float().reshape(s.unit_shape) for s, p in zip(specs, pieces)},
+        total_units={s.name: s.num_units for s in specs}, holding_rate=1.0, holding_rate_strict=1.0,
+        settings=_run_settings(cache, cfg), seed=seed, dprime=dprime.sizes(), w_b={"learned": None},
+    )
+
+
+def _refined_result(cache: ActivationCache, base: CoreUnits, judge: Judge, refined: Refinement, target: float,
+                    cfg: SelectionConfig, attempts: list[dict[str, Any]], t0: float) -> CoreUnits:
+    """``base`` (the calibrated run, or an unoptimised start) with target mode's refined mask and its figures."""
+    specs = list(base.total_units.items())
     shapes = {name: base.gates[name].shape for name, _ in specs}
     pieces = refined.mask.split([total for _, total in specs])
     # The refined mask was usually just verified on D'_c: the judge answers from those scores.
