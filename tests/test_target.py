@@ -229,7 +229,7 @@ def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units(capsy
     r = find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99)
     assert r.units["feat"] == PlantedNet.TRUE_UNITS
     t = r.settings["target"]
-    # 63 smaller sets: all tried in size order, no gates optimised.
+    # No gates optimised: the empty set, exact greedy from all 6 units, then the 6 sets of one unit.
     assert t["calibration"] == [] and t["drop_order"] == "exhaustive" and t["smallest"] and t["reached"]
     assert r.history == [] and r.w_b["learned"] is None
     assert r.gates["feat"].tolist() == r.masks["feat"].float().tolist()
@@ -241,8 +241,7 @@ def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units(capsy
         assert holding_rate(model, {"feat": mask}, 0, x, build_dprime_first=True) < 0.99
     assert CoreUnits.from_dict(r.to_dict()).w_b["learned"] is None
     _print_found(r, "planted")
-    assert "every set smaller than all 6 units tried, smallest first (no gates optimised): 2 after" in \
-        capsys.readouterr().out
+    assert "exact greedy elimination from all 6 units, and no smaller set reaches it: 2 after" in capsys.readouterr().out
     # Eight units (255 smaller sets) are too many: the gates are optimised, as before.
     wide = PlantedNet(channels=8)
     r8 = find_core_units(wide, "feat", 0, planted_data(wide), progress=False, target_holding_rate=0.99)

@@ -153,7 +153,8 @@ def _print_found(r: Any, source: str) -> None:
     print(f"data: {source}")
     if "target" in r.settings:
         t = r.settings["target"]
-        how = (f"every set smaller than all {t['units_before']} units tried, smallest first (no gates optimised): "
+        how = (f"no gates optimised: exact greedy elimination from all {t['units_before']} units"
+               + (", and no smaller set reaches it: " if t["smallest"] else ": ")
                if t["drop_order"] == "exhaustive" else
                f"{t['units_before']} units before refinement ({t['holding_rate_before']:.2%}), ")
         print(f"target {t['target_holding_rate']:.2%} ({t['reading']} reading): {how}"

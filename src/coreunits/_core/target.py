@@ -330,16 +330,23 @@ def every_subset_few(num_units: int) -> bool:
 
 
 def smallest_set(judge: Judge, num_units: int, target: float) -> Refinement:
-    """A smallest set reaching ``target``, by trying every smaller set, smallest first; no gates are optimised.
+    """The set exact greedy elimination keeps from all units, then a smallest one where that costs little more.
 
     For layers of a few units (:func:`every_subset_few`: a block's attention heads),
-    where one gate optimisation costs more than all the trials: each trial is one
-    early-exit test on D'_c. The empty set is tried first (later blocks of a ViT
-    often need no head); then, within a size, sets of the units whose removal
-    from the full set harms the probe most are tried first (one probe pass per
-    unit), so the set that reaches is usually met early. The full set keeps every
-    decision in the strict reading (no unit is ablated), so there the result
-    reaches the target.
+    where one gate optimisation costs more than elimination from all units. In turn:
+
+    1. The empty set (later blocks of a ViT often need no head): one early-exit test.
+    2. Exact greedy elimination from all units (every kept unit's removal judged on
+       all of D'_c, given up early once it misses): at most K(K+1)/2 tests.
+    3. Every set smaller than its result, smallest first (units greedy kept, then
+       those it dropped last, first), when they are no more than the tests greedy
+       took: the result is then a smallest set (``smallest``), not only one no
+       single drop improves.
+
+    Measured on two ViTs' heads (6 a block): trying every smaller set first found
+    the 1-2 heads MNIST's blocks need in 2-8 tests, but took up to 64 tests (45 s a
+    class) where the CIFAR-10 ViT's first block needs 4-6 of its 6 heads; greedy first
+    is never much slower than greedy alone.
     """
     full = torch.ones(num_units, dtype=torch.bool)
     out = Refinement(full, 1.0, num_units, 1.0, drop_order="exhaustive")
@@ -350,17 +357,37 @@ def smallest_set(judge: Judge, num_units: int, target: float) -> Refinement:
         out.dropped, out.smallest = list(range(num_units)), True
         out.mask, out.holding_rate = empty, rate
         return out
-    harm = torch.zeros(num_units)
-    if judge.probe is not None:
-        kept_share = judge.probe(full)[0]
-        harm = torch.tensor([kept_share - judge.probe(without(full, j))[0] for j in range(num_units)])
-        out.probe_evaluations += num_units + 1
-    mask, rate = _smallest_by_trial(judge, full, 1.0, harm, target, out, min_size=1)
-    if not out.smallest or bool(mask.all()):
-        rate = judge.holding(mask)  # the full set's rate, measured rather than assumed
-        out.evaluations += 1
+    trace = Trace()
+    mask, greedy_rate = eliminate(judge.toggle or _toggle_by_holding(judge), full, target, trace)
+    out.evaluations += trace.evaluations
+    out.dropped = list(trace.dropped)
+    rate = judge.holding(mask) if greedy_rate is None else greedy_rate
+    out.evaluations += int(greedy_rate is None)
+    kept = int(mask.sum())
+    smaller = sum(math.comb(num_units, size) for size in range(1, kept))
+    out.smallest = kept <= 1  # every smaller set (the empty one) already missed
+    if 0 < smaller <= trace.evaluations:
+        # Kept units first, then the units dropped last: the sets greedy found nearly enough are tried early.
+        order = torch.zeros(num_units)
+        for rank, j in enumerate(trace.dropped):
+            order[j] = rank + 1.0
+        order[mask] = num_units + 1.0
+        mask, rate = _smallest_by_trial(judge, mask, rate, order, target, out, min_size=1)
     out.mask, out.holding_rate = mask, rate
     return out
+
+
+def _toggle_by_holding(judge: Judge) -> Toggle:
+    """Each candidate's removal judged alone on all of D'_c (several gated layers have no toggle path)."""
+
+    def toggle(mask: torch.Tensor, cands: list[int], target: float | None) -> dict[int, tuple[float, float] | None]:
+        scores: dict[int, tuple[float, float] | None] = {}
+        for j in cands:
+            reached, rate = judge.reaches(without(mask, j), target if target is not None else 0.0)
+            scores[j] = (rate, 0.0) if reached else None
+        return scores
+
+    return toggle
 
 
 def _smallest_by_trial(judge: Judge, mask: torch.Tensor, rate: float, values: torch.Tensor, target: float,
