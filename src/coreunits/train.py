@@ -486,7 +486,8 @@ def train_mnist(
     optimizer: torch.optim.Optimizer
     if model_name == "mnist_vit":
         epochs = 12 if epochs is None else epochs
-        optimizer, scheduler = _vit_optimizer(model, lr, VIT_WEIGHT_DECAY, epochs * math.ceil(len(train_ds) / batch_size))
+        steps = epochs * math.ceil(len(train_ds) / batch_size)
+        optimizer, scheduler = _vit_optimizer(model, lr, VIT_WEIGHT_DECAY, steps)
         config = {"seed": seed, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW-onecycle",
                   "weight_decay": VIT_WEIGHT_DECAY}
     else:
@@ -556,8 +557,9 @@ def train_cifar10(
 
     The CNN: SGD with Nesterov momentum 0.9 under a one-cycle learning-rate schedule
     peaking at ``lr`` (default 0.05, weight decay 5e-4). The ViT (``model_name="cifar10_vit"``):
-    AdamW (default peak 1e-3, weight decay 0.05), 10% warm-up, one-cycle decay. Training batches get :func:`cifar10_train_transform` (random 24x24
-    crops, flips, brightness/contrast jitter); evaluation uses the central crop.
+    AdamW (default peak 1e-3, weight decay 0.05), 10% warm-up, one-cycle decay. Training
+    batches get :func:`cifar10_train_transform` (random 24x24 crops, flips,
+    brightness/contrast jitter); evaluation uses the central crop.
     Checkpoint, metadata and resume state are written after every epoch, and by
     default an interrupted run continues from the last finished epoch.
 

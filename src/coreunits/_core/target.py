@@ -327,7 +327,18 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
 
 def every_subset_few(num_units: int) -> bool:
     """Whether every set smaller than all ``num_units`` units can be tried (at most :data:`EXHAUSTIVE_MASKS`)."""
-    return 2 ** num_units - 1 <= EXHAUSTIVE_MASKS
+    return _smaller_sets(num_units, num_units) <= EXHAUSTIVE_MASKS
+
+
+def _smaller_sets(n: int, k: int, min_size: int = 0) -> int:
+    """How many sets of ``min_size`` to ``k - 1`` of ``n`` units there are, counted only until over
+    :data:`EXHAUSTIVE_MASKS` (the full sum is a big-integer job on wide layers)."""
+    count = 0
+    for size in range(min_size, k):
+        count += math.comb(n, size)
+        if count > EXHAUSTIVE_MASKS:
+            break
+    return count
 
 
 def smallest_set(judge: Judge, num_units: int, target: float) -> Refinement:
@@ -365,7 +376,7 @@ def smallest_set(judge: Judge, num_units: int, target: float) -> Refinement:
     rate = judge.holding(mask) if greedy_rate is None else greedy_rate
     out.evaluations += int(greedy_rate is None)
     kept = int(mask.sum())
-    smaller = sum(math.comb(num_units, size) for size in range(1, kept))
+    smaller = _smaller_sets(num_units, kept, min_size=1)
     out.smallest = kept <= 1  # every smaller set (the empty one) already missed
     if 0 < smaller <= trace.evaluations:
         # Kept units first, then the units dropped last: the sets greedy found nearly enough are tried early.
@@ -398,11 +409,8 @@ def _smallest_by_trial(judge: Judge, mask: torch.Tensor, rate: float, values: to
     Sets of fewer than ``min_size`` units are known to miss and are not tried again.
     """
     n, k = mask.numel(), int(mask.sum())
-    count = 0
-    for size in range(k):  # counted until over the bound: the full sum is a big-integer job on wide layers
-        count += math.comb(n, size)
-        if count > EXHAUSTIVE_MASKS:
-            return mask, rate
+    if _smaller_sets(n, k) > EXHAUSTIVE_MASKS:
+        return mask, rate
     out.smallest = True
     for size in range(min_size, k):
         for units in sorted(itertools.combinations(range(n), size), key=lambda u: -float(values[list(u)].sum())):
