@@ -11,8 +11,12 @@ from coreunits._core.stability import stability
 from coreunits._core.target import (
     ADD_BACK_SLACK,
     DROP_RETRIES,
+    LOOSER_POOLS,
     PROBE_ROWS,
     Judge,
+    _toggle_by_holding,
+    eliminate_from_pool,
+    pool_affordable,
     prefer_add_back,
     probe_score,
     refine_mask,
@@ -126,6 +130,30 @@ def test_least_harm_stops_when_the_probes_best_candidates_fail() -> None:
     assert out.dropped == [] and bool(out.mask.all())
 
 
+def test_exact_elimination_from_a_looser_pool_reaches_a_small_set_the_calibrated_one_lacks() -> None:
+    # 20 units; holds with {15, 16} or with {0, 1, 2}. From {0, 1, 2, 3} (a calibrated set without 15 and
+    # 16) no drop or swap reaches two units, and the 211 smaller sets are too many to try; from all 20,
+    # exact elimination drops unit 0 first (ties: lowest index) and ends at {15, 16}.
+    def holding(mask: torch.Tensor) -> float:
+        kept = set(torch.nonzero(mask).flatten().tolist())
+        return 1.0 if {15, 16} <= kept or {0, 1, 2} <= kept else 0.5
+
+    judge = Judge(holding)
+    judge.toggle = judge.toggle_probe = _toggle_by_holding(judge)
+    calibrated = refine_mask(judge, torch.arange(20) < 4, torch.zeros(20), target=0.99, rate=1.0)
+    assert torch.nonzero(calibrated.mask).flatten().tolist() == [0, 1, 2] and calibrated.exact_finish
+    pooled = eliminate_from_pool(judge, torch.ones(20, dtype=torch.bool), 1.0, target=0.99)
+    assert torch.nonzero(pooled.mask).flatten().tolist() == [15, 16]
+    assert pooled.units_before == 20 and pooled.exact_finish and pooled.dropped[0] == 0 and pooled.evaluations > 0
+
+
+def test_a_pool_is_eliminated_from_only_where_that_costs_a_third_of_exact_greedy_or_less() -> None:
+    # 64 units, 9 kept: exact greedy scores 64 + 63 + ... + 10 = 2,035 candidates; a third is 678.
+    assert pool_affordable(24, 64, 9)  # 24 + ... + 10 = 255
+    assert pool_affordable(37, 64, 9) and not pool_affordable(38, 64, 9)  # 658 <= 678 < 696
+    assert pool_affordable(9, 64, 9)  # nothing to eliminate
+
+
 def test_prefer_add_back_weighs_the_miss_and_its_cost() -> None:
     rows = 188 * 128  # one max1 optimisation: 188 steps of 128 inputs
     close = 0.995 - 0.5 * ADD_BACK_SLACK * 0.005
@@ -210,11 +238,26 @@ def test_target_mode_recovers_planted_units_and_reports_before_after(planted) ->
     assert r.holding_rate_strict == pytest.approx(t["holding_rate_after"])
     assert {"units_before", "holding_rate_before", "calibration", "evaluations", "probe_evaluations"} <= set(t)
     assert t["drop_order"] == "least_harm"
+    assert t["pools"] == []  # feat feeds a ReLU: no batched toggle path, so no exact elimination from pools
     by_gate = find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99, drop_order="gate")
     assert by_gate.units["feat"] == PlantedNet.TRUE_UNITS
     assert by_gate.settings["target"]["drop_order"] == "gate"
     with pytest.raises(ValueError, match="drop_order"):
         find_core_units(model, "feat", 0, x, progress=False, target_holding_rate=0.99, drop_order="best")
+
+
+def test_target_mode_also_eliminates_from_looser_selections_where_the_layer_feeds_a_linear(planted) -> None:
+    model, x = planted
+    r = find_core_units(model, "pool", 0, x, progress=False, target_holding_rate=0.99)
+    assert r.units["pool"] == PlantedNet.TRUE_UNITS
+    t = r.settings["target"]
+    # Two looser selections (alpha / 3, then / 9), each eliminated from when it reaches the target;
+    # the result is the smallest, so no pool ended smaller.
+    pools = t["pools"]
+    assert len(pools) == LOOSER_POOLS and pools[1]["alpha"] == pytest.approx(pools[0]["alpha"] / 3)
+    assert pools[0]["alpha"] < t["calibration"][0]["alpha"] and any(p["reached"] for p in pools)
+    assert all(p["units_after"] is None or p["units_after"] >= t["units_after"] for p in pools)
+    assert all(p["units_after"] is not None and p["units"] >= p["units_after"] for p in pools if p["reached"])
 
 
 def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units(capsys) -> None:

@@ -51,10 +51,13 @@ from coreunits._core.progress import progress_bar
 from coreunits._core.result import CoreUnits
 from coreunits._core.target import (
     DROP_ORDERS,
+    LOOSER_POOLS,
     Judge,
     Refinement,
+    eliminate_from_pool,
     every_subset_few,
     mask_judge,
+    pool_affordable,
     prefer_add_back,
     refine_mask,
     smallest_set,
@@ -560,35 +563,75 @@ def _scaled(alpha: AlphaArg, factor: float) -> float | dict[str, float]:
     return float(alpha) * factor
 
 
+def _plain(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
+           factor: float) -> CoreUnits:
+    """One plain selection with alpha and lam multiplied by ``factor`` (a step of target mode's ladder)."""
+    plain = dataclasses.replace(cfg, alpha=_scaled(cfg.alpha, factor), lam=cfg.lam * factor, target_holding_rate=None)
+    return _select(cache, target_class, plain, seed, progress, time.perf_counter())
+
+
 def _calibrate(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int,
-               progress: bool) -> tuple[CoreUnits, float, list[dict[str, Any]]]:
+               progress: bool) -> tuple[CoreUnits, float, float, list[dict[str, Any]]]:
     """Plain selections with alpha (and lam) divided by 3 each time, until one holds well enough.
 
-    Returns the best run, its holding rate in the target's reading, and every attempt.
+    Returns the best run, its holding rate in the target's reading, the factor its alpha was
+    multiplied by, and every attempt.
     """
     assert cfg.target_holding_rate is not None
     target = float(cfg.target_holding_rate)
     attempts: list[dict[str, Any]] = []
     best: CoreUnits | None = None
-    best_rate = -1.0
+    best_rate, best_factor = -1.0, 1.0
     for attempt in range(cfg.calibration_runs):
         factor = _ALPHA_STEP ** -attempt
-        plain = dataclasses.replace(cfg, alpha=_scaled(cfg.alpha, factor), lam=cfg.lam * factor,
-                                    target_holding_rate=None)
-        res = _select(cache, target_class, plain, seed, progress, time.perf_counter())
+        res = _plain(cache, target_class, cfg, seed, progress, factor)
         rate = res.holding_rate_strict if cfg.reading == "strict" else res.holding_rate
-        attempts.append({"alpha": plain.alpha, "lam": plain.lam,
+        attempts.append({"alpha": res.settings["alpha"], "lam": res.settings["lam"],
                          "units": sum(res.num_units.values()), "holding_rate": rate, "seconds": res.seconds})
         # Keep the run that holds best; the first that reaches the target ends the search,
         # and so does one close enough that adding back a few units is cheaper.
         if rate > best_rate or rate >= target:
-            best, best_rate = res, rate
+            best, best_rate, best_factor = res, rate, factor
         rows_run = int(res.settings["total_steps"]) * cfg.batch_size
         if rate >= target or prefer_add_back(rate, target, sum(res.num_units.values()),
                                              sum(res.total_units.values()), rows_run):
             break
     assert best is not None
-    return best, best_rate, attempts
+    return best, best_rate, best_factor, attempts
+
+
+def _looser_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
+                  judge: Judge, factor: float, best: CoreUnits, refined: Refinement,
+                  ) -> tuple[CoreUnits, Refinement, list[dict[str, Any]]]:
+    """Exact elimination from looser selections (alpha divided by 3, 9 from ``factor``; :data:`LOOSER_POOLS`).
+
+    A pool is eliminated from when it reaches the target and its elimination is affordable
+    (:func:`pool_affordable`); an unaffordable pool ends the search, as looser ones are larger.
+    Returns the run and refinement with the fewest units that reach the target (the calibrated
+    ones unless a pool ends smaller), and what each pool did.
+    """
+    target = float(cfg.target_holding_rate or 0.0)
+    specs = cache.specs
+    records: list[dict[str, Any]] = []
+    for step in range(1, LOOSER_POOLS + 1):
+        t0 = time.perf_counter()
+        res = _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
+        pool = torch.cat([res.masks[s.name].flatten() for s in specs]).bool().cpu()
+        reached, rate = judge.reaches(pool, target)
+        affordable = pool_affordable(int(pool.sum()), pool.numel(), int(refined.mask.sum()))
+        record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"],
+                                  "units": int(pool.sum()), "reached": reached, "affordable": affordable,
+                                  "units_after": None, "evaluations": 1}
+        if not affordable:
+            records.append(record | {"seconds": time.perf_counter() - t0})
+            break
+        if reached:
+            found = eliminate_from_pool(judge, pool, rate, target)
+            record["units_after"], record["evaluations"] = int(found.mask.sum()), 1 + found.evaluations
+            if refined.holding_rate < target or int(found.mask.sum()) < int(refined.mask.sum()):
+                best, refined = res, found
+        records.append(record | {"seconds": time.perf_counter() - t0})
+    return best, refined, records
 
 
 def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
@@ -609,13 +652,16 @@ def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionCo
         refined = smallest_set(judge, num_units, target)
         return _refined_result(cache, _unoptimised(cache, target_class, cfg, seed, dprime, refined.mask), judge,
                                refined, target, cfg, [], t0)
-    best, best_rate, attempts = _calibrate(cache, target_class, cfg, seed, progress)
+    best, best_rate, factor, attempts = _calibrate(cache, target_class, cfg, seed, progress)
     judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
     mask = torch.cat([best.masks[s.name].flatten() for s in specs])
     values = torch.cat([best.gates[s.name].flatten() for s in specs])
     # The best run's rate was measured on this D'_c by the same path: not measured again.
     refined = refine_mask(judge, mask, values, target, cfg.drop_order, rate=best_rate)
-    return _refined_result(cache, best, judge, refined, target, cfg, attempts, t0)
+    pools: list[dict[str, Any]] = []
+    if judge.toggle is not None and judge.batched and cfg.drop_order == "least_harm":
+        best, refined, pools = _looser_pools(cache, target_class, cfg, seed, progress, judge, factor, best, refined)
+    return _refined_result(cache, best, judge, refined, target, cfg, attempts, t0, pools)
 
 
 def _unoptimised(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, dprime: DPrime,
@@ -632,7 +678,8 @@ def _unoptimised(cache: ActivationCache, target_class: int, cfg: SelectionConfig
 
 
 def _refined_result(cache: ActivationCache, base: CoreUnits, judge: Judge, refined: Refinement, target: float,
-                    cfg: SelectionConfig, attempts: list[dict[str, Any]], t0: float) -> CoreUnits:
+                    cfg: SelectionConfig, attempts: list[dict[str, Any]], t0: float,
+                    pools: list[dict[str, Any]] | None = None) -> CoreUnits:
     """``base`` (the calibrated run, or an unoptimised start) with target mode's refined mask and its figures."""
     specs = list(base.total_units.items())
     shapes = {name: base.gates[name].shape for name, _ in specs}
@@ -644,7 +691,7 @@ def _refined_result(cache: ActivationCache, base: CoreUnits, judge: Judge, refin
     settings = base.settings | {"target_holding_rate": target}
     settings["target"] = {
         "target_holding_rate": target, "reading": cfg.reading, "reached": refined.holding_rate >= target,
-        "calibration": attempts, **refined.to_dict(),
+        "calibration": attempts, "pools": pools or [], **refined.to_dict(),
     }
     settings["fallbacks"] = dict(cache.fallbacks)
     return dataclasses.replace(

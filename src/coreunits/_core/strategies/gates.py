@@ -46,7 +46,9 @@ class SwitchGates(Strategy):
         evaluations = 1
         if "target" in res.settings:
             info["target"] = res.settings["target"]
-            evaluations = int(res.settings["target"]["evaluations"]) + len(res.settings["target"]["calibration"])
+            target_info = res.settings["target"]
+            evaluations = (int(target_info["evaluations"]) + len(target_info["calibration"])
+                           + sum(int(p["evaluations"]) + 1 for p in target_info["pools"]))
         problem.evaluations += evaluations
         return StrategyResult(self.name, res.gates[problem.layer].flatten().float(), mask, rate,
                               time.perf_counter() - t0, evaluations, info)
