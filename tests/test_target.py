@@ -251,11 +251,11 @@ def test_target_mode_also_eliminates_from_looser_selections_where_the_layer_feed
     r = find_core_units(model, "pool", 0, x, progress=False, target_holding_rate=0.99)
     assert r.units["pool"] == PlantedNet.TRUE_UNITS
     t = r.settings["target"]
-    # Two looser selections (alpha / 3, then / 9), each eliminated from when it reaches the target;
-    # the result is the smallest, so no pool ended smaller.
+    # Exact elimination from the calibrated mask (it reached the target), then from two looser selections
+    # (alpha / 3, then / 9); the result is the smallest, so no pool ended smaller.
     pools = t["pools"]
-    assert len(pools) == LOOSER_POOLS and pools[1]["alpha"] == pytest.approx(pools[0]["alpha"] / 3)
-    assert pools[0]["alpha"] < t["calibration"][0]["alpha"] and any(p["reached"] for p in pools)
+    assert len(pools) == 1 + LOOSER_POOLS and pools[0]["calibrated"] and pools[0]["alpha"] == t["calibration"][-1]["alpha"]
+    assert pools[1]["alpha"] == pytest.approx(pools[0]["alpha"] / 3) == pytest.approx(pools[2]["alpha"] * 3)
     assert all(p["units_after"] is None or p["units_after"] >= t["units_after"] for p in pools)
     assert all(p["units_after"] is not None and p["units"] >= p["units_after"] for p in pools if p["reached"])
 

@@ -601,36 +601,38 @@ def _calibrate(cache: ActivationCache, target_class: int, cfg: SelectionConfig, 
 
 
 def _looser_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
-                  judge: Judge, factor: float, best: CoreUnits, refined: Refinement,
+                  judge: Judge, factor: float, best: CoreUnits, best_rate: float, refined: Refinement,
                   ) -> tuple[CoreUnits, Refinement, list[dict[str, Any]]]:
-    """Exact elimination from looser selections (alpha divided by 3, 9 from ``factor``; :data:`LOOSER_POOLS`).
+    """Exact elimination from the calibrated mask and from looser selections (see :data:`LOOSER_POOLS`).
 
-    A pool is eliminated from when it reaches the target and its elimination is affordable
-    (:func:`pool_affordable`); an unaffordable pool ends the search, as looser ones are larger.
-    Returns the run and refinement with the fewest units that reach the target (the calibrated
-    ones unless a pool ends smaller), and what each pool did.
+    The pools, in turn: the calibrated mask itself, when it reaches the target (exact elimination
+    from it can end smaller than the probe-ranked drops of :func:`refine_mask`), then selections
+    with alpha divided by 3, 9 from ``factor``. A pool is eliminated from when it reaches the target
+    and its elimination is affordable (:func:`pool_affordable`); an unaffordable pool ends the
+    search, as looser ones are larger. Returns the run and refinement with the fewest units that
+    reach the target (the calibrated ones unless a pool ends smaller), and what each pool did.
     """
     target = float(cfg.target_holding_rate or 0.0)
     specs = cache.specs
     records: list[dict[str, Any]] = []
-    for step in range(1, LOOSER_POOLS + 1):
+    for step in range(0 if best_rate >= target else 1, LOOSER_POOLS + 1):
         t0 = time.perf_counter()
-        res = _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
+        res = best if step == 0 else _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
         pool = torch.cat([res.masks[s.name].flatten() for s in specs]).bool().cpu()
-        reached, rate = judge.reaches(pool, target)
+        reached, rate = (True, best_rate) if step == 0 else judge.reaches(pool, target)
         affordable = pool_affordable(int(pool.sum()), pool.numel(), int(refined.mask.sum()))
-        record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"],
+        record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": step == 0,
                                   "units": int(pool.sum()), "reached": reached, "affordable": affordable,
-                                  "units_after": None, "evaluations": 1}
-        if not affordable:
-            records.append(record | {"seconds": time.perf_counter() - t0})
-            break
-        if reached:
+                                  "units_after": None, "evaluations": int(step > 0)}
+        if reached and affordable:
             found = eliminate_from_pool(judge, pool, rate, target)
-            record["units_after"], record["evaluations"] = int(found.mask.sum()), 1 + found.evaluations
+            record["units_after"] = int(found.mask.sum())
+            record["evaluations"] += found.evaluations
             if refined.holding_rate < target or int(found.mask.sum()) < int(refined.mask.sum()):
                 best, refined = res, found
         records.append(record | {"seconds": time.perf_counter() - t0})
+        if not affordable:
+            break
     return best, refined, records
 
 
@@ -660,7 +662,8 @@ def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionCo
     refined = refine_mask(judge, mask, values, target, cfg.drop_order, rate=best_rate)
     pools: list[dict[str, Any]] = []
     if judge.toggle is not None and judge.batched and cfg.drop_order == "least_harm":
-        best, refined, pools = _looser_pools(cache, target_class, cfg, seed, progress, judge, factor, best, refined)
+        best, refined, pools = _looser_pools(cache, target_class, cfg, seed, progress, judge, factor, best, best_rate,
+                                             refined)
     return _refined_result(cache, best, judge, refined, target, cfg, attempts, t0, pools)
 
 

@@ -85,13 +85,14 @@ DROP_RETRIES = 3
 #: Most smaller masks the refinement tries one by one to find a smallest set (e.g. 22 for 3 of 6 heads).
 EXHAUSTIVE_MASKS = 128
 
-#: After refining the calibrated mask, target mode also selects with alpha divided by 3, then 9, and
-#: runs exact elimination from each of these looser masks that reaches the target, keeping the smallest
-#: result (where the layer has a batched toggle path). A looser mask holds more units, among them often
-#: a small set the calibrated one lacks. Measured at 99.5% strict against exact greedy from all units
-#: (python /tmp/exp/pool.py; see the closing note of stop 30): MNIST max2 class 4 kept 9 units
-#: (greedy 7), its alpha/9 mask of 42 units ended at 7; an MLP's relu1 classes 2/5/7 kept 46/59/41
-#: (greedy 44/55/39), their alpha/9 masks ended at 42/54/38.
+#: After refining the calibrated mask, target mode runs exact elimination (no probe-ranked drops
+#: first) from that mask, when it reaches the target, and from selections with alpha divided by 3,
+#: then 9, and keeps the smallest result (where the layer has a batched toggle path; each pool only
+#: where affordable, :data:`POOL_COST_SHARE`). Drops ranked on a probe, and the calibrated set
+#: itself, can end in another basin than exact greedy's. Measured at 99.5% strict against exact
+#: greedy from all units (python /tmp/exp/pool.py, stop 30): MNIST max2 class 4 kept 9 units (greedy
+#: 7) and its alpha/3 pool ended at 8; an MLP's relu1 classes 2/5/7 kept 46/59/41 (greedy 44/55/39),
+#: exact elimination from their calibrated masks (72/85/73 units) ended at 42/54/38.
 LOOSER_POOLS = 2
 
 #: Most a looser pool's exact elimination may cost, as a share of exact greedy's from all units (both

@@ -48,7 +48,7 @@ class SwitchGates(Strategy):
             info["target"] = res.settings["target"]
             target_info = res.settings["target"]
             evaluations = (int(target_info["evaluations"]) + len(target_info["calibration"])
-                           + sum(int(p["evaluations"]) + 1 for p in target_info["pools"]))
+                           + sum(int(p["evaluations"]) + (not p["calibrated"]) for p in target_info["pools"]))
         problem.evaluations += evaluations
         return StrategyResult(self.name, res.gates[problem.layer].flatten().float(), mask, rate,
                               time.perf_counter() - t0, evaluations, info)
