@@ -16,7 +16,7 @@ from coreunits._core.target import (
     Judge,
     _toggle_by_holding,
     eliminate_from_pool,
-    pool_affordable,
+    elimination_steps,
     prefer_add_back,
     probe_score,
     refine_mask,
@@ -147,11 +147,10 @@ def test_exact_elimination_from_a_looser_pool_reaches_a_small_set_the_calibrated
     assert pooled.units_before == 20 and pooled.exact_finish and pooled.dropped[0] == 0 and pooled.evaluations > 0
 
 
-def test_a_pool_is_eliminated_from_only_where_that_costs_a_third_of_exact_greedy_or_less() -> None:
-    # 64 units, 9 kept: exact greedy scores 64 + 63 + ... + 10 = 2,035 candidates; a third is 678.
-    assert pool_affordable(24, 64, 9)  # 24 + ... + 10 = 255
-    assert pool_affordable(37, 64, 9) and not pool_affordable(38, 64, 9)  # 658 <= 678 < 696
-    assert pool_affordable(9, 64, 9)  # nothing to eliminate
+def test_elimination_steps_count_every_kept_units_removal_at_every_step() -> None:
+    # 64 units down to 9: exact greedy scores 64 + 63 + ... + 10 candidates.
+    assert elimination_steps(64, 9) == sum(range(10, 65)) == 2035
+    assert elimination_steps(24, 9) == 255 and elimination_steps(9, 9) == 0 == elimination_steps(5, 9)
 
 
 def test_prefer_add_back_weighs_the_miss_and_its_cost() -> None:

@@ -52,12 +52,13 @@ from coreunits._core.result import CoreUnits
 from coreunits._core.target import (
     DROP_ORDERS,
     LOOSER_POOLS,
+    POOL_COST_SHARE,
     Judge,
     Refinement,
     eliminate_from_pool,
+    elimination_steps,
     every_subset_few,
     mask_judge,
-    pool_affordable,
     prefer_add_back,
     refine_mask,
     smallest_set,
@@ -608,23 +609,26 @@ def _looser_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfi
     The pools, in turn: the calibrated mask itself, when it reaches the target (exact elimination
     from it can end smaller than the probe-ranked drops of :func:`refine_mask`), then selections
     with alpha divided by 3, 9 from ``factor``. A pool is eliminated from when it reaches the target
-    and its elimination is affordable (:func:`pool_affordable`); an unaffordable pool ends the
-    search, as looser ones are larger. Returns the run and refinement with the fewest units that
+    and its elimination fits what is left of the budget (:data:`POOL_COST_SHARE` of exact greedy's
+    evaluations); a pool that does not fit ends the search, as looser ones are larger. Returns the run and refinement with the fewest units that
     reach the target (the calibrated ones unless a pool ends smaller), and what each pool did.
     """
     target = float(cfg.target_holding_rate or 0.0)
     specs = cache.specs
     records: list[dict[str, Any]] = []
+    budget = POOL_COST_SHARE * elimination_steps(refined.mask.numel(), int(refined.mask.sum()))
     for step in range(0 if best_rate >= target else 1, LOOSER_POOLS + 1):
         t0 = time.perf_counter()
         res = best if step == 0 else _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
         pool = torch.cat([res.masks[s.name].flatten() for s in specs]).bool().cpu()
         reached, rate = (True, best_rate) if step == 0 else judge.reaches(pool, target)
-        affordable = pool_affordable(int(pool.sum()), pool.numel(), int(refined.mask.sum()))
+        cost = elimination_steps(int(pool.sum()), int(refined.mask.sum()))
+        affordable = cost <= budget
         record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": step == 0,
                                   "units": int(pool.sum()), "reached": reached, "affordable": affordable,
                                   "units_after": None, "evaluations": int(step > 0)}
         if reached and affordable:
+            budget -= cost
             found = eliminate_from_pool(judge, pool, rate, target)
             record["units_after"] = int(found.mask.sum())
             record["evaluations"] += found.evaluations

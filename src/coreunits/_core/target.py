@@ -69,8 +69,8 @@ from coreunits._core.problem import SelectionProblem
 
 __all__ = [
     "ADD_BACK_SLACK", "DROP_ORDERS", "DROP_RETRIES", "EXHAUSTIVE_MASKS", "LOOSER_POOLS", "POOL_COST_SHARE", "PROBE_ROWS",
-    "Judge", "Refinement", "eliminate_from_pool", "every_subset_few", "mask_judge", "pool_affordable", "prefer_add_back", "probe_score", "refine_mask",
-    "smallest_set",
+    "Judge", "Refinement", "eliminate_from_pool", "elimination_steps", "every_subset_few", "mask_judge",
+    "prefer_add_back", "probe_score", "refine_mask", "smallest_set",
 ]
 
 #: How the refinement picks the next unit to drop (see the module docstring).
@@ -88,15 +88,15 @@ EXHAUSTIVE_MASKS = 128
 #: After refining the calibrated mask, target mode runs exact elimination (no probe-ranked drops
 #: first) from that mask, when it reaches the target, and from selections with alpha divided by 3,
 #: then 9, and keeps the smallest result (where the layer has a batched toggle path; each pool only
-#: where affordable, :data:`POOL_COST_SHARE`). Drops ranked on a probe, and the calibrated set
+#: within :data:`POOL_COST_SHARE`). Drops ranked on a probe, and the calibrated set
 #: itself, can end in another basin than exact greedy's. Measured at 99.5% strict against exact
 #: greedy from all units (python /tmp/exp/pool.py, stop 30): MNIST max2 class 4 kept 9 units (greedy
 #: 7) and its alpha/3 pool ended at 8; an MLP's relu1 classes 2/5/7 kept 46/59/41 (greedy 44/55/39),
 #: exact elimination from their calibrated masks (72/85/73 units) ended at 42/54/38.
 LOOSER_POOLS = 2
 
-#: Most a looser pool's exact elimination may cost, as a share of exact greedy's from all units (both
-#: counted as candidate evaluations from the size found so far, :func:`pool_affordable`).
+#: Most the pools' exact eliminations may cost together, as a share of exact greedy's from all units
+#: (both counted from the size the refinement found, :func:`elimination_steps`).
 POOL_COST_SHARE = 1 / 3
 
 #: A calibrated mask is completed by adding units back, not by another optimisation,
@@ -333,14 +333,10 @@ def refine_mask(judge: Judge | Callable[[torch.Tensor], float], mask: torch.Tens
     return out
 
 
-def pool_affordable(pool_units: int, total_units: int, kept: int) -> bool:
-    """Whether exact elimination from ``pool_units`` to ``kept`` units costs at most :data:`POOL_COST_SHARE`
-    of exact greedy's from all ``total_units`` (each step scores every kept unit: sum of the sizes passed)."""
-
-    def steps(start: int) -> int:
-        return (start * (start + 1) - kept * (kept + 1)) // 2
-
-    return steps(pool_units) <= POOL_COST_SHARE * steps(total_units)
+def elimination_steps(start: int, kept: int) -> int:
+    """Candidate evaluations of exact elimination from ``start`` units down to ``kept`` (each step scores
+    every kept unit: ``start + (start - 1) + ... + (kept + 1)``); what :data:`POOL_COST_SHARE` is counted in."""
+    return max(start * (start + 1) - kept * (kept + 1), 0) // 2
 
 
 def eliminate_from_pool(judge: Judge, pool: torch.Tensor, rate: float, target: float) -> Refinement:
