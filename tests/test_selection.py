@@ -170,18 +170,26 @@ def test_result_round_trips_through_json(planted, tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
 
 
-def test_batched_selections_equal_one_at_a_time(planted) -> None:
+@pytest.mark.parametrize(("layers", "options"), [
+    (["feat"], {}),
+    # Two gated layers, a price per layer and L0 gates: the stacked rows hold every layer's gates.
+    (["feat", "pool"], {"relaxation": "hard_concrete", "alpha": {"feat": 2e-3, "pool": 4e-3}}),
+])
+def test_batched_selections_equal_one_at_a_time(planted, layers, options) -> None:
     model, x = planted
     snap = snapshot(model)
-    cache = ActivationCache(model, "feat", x)
+    cache = ActivationCache(model, layers, x)
     jobs = [(0, 0), (1, 0), (0, 1), (1, 3)]  # classes twice, with two seeds: each set keeps its own D'_c and noise
-    together = find_core_units_batched(model, "feat", jobs, cache, progress=False, epochs=3)
+    together = find_core_units_batched(model, layers, jobs, cache, progress=False, epochs=3, **options)
     assert [(r.target_class, r.seed) for r in together] == jobs
     for (c, seed), r in zip(jobs, together):
-        alone = find_core_units(model, "feat", c, cache, seed=seed, progress=False, epochs=3)
+        alone = find_core_units(model, layers, c, cache, seed=seed, progress=False, epochs=3, **options)
         assert r.units == alone.units and r.settings["steps_run"] == alone.settings["steps_run"]
-        torch.testing.assert_close(r.gates["feat"], alone.gates["feat"], rtol=1e-4, atol=1e-5)
+        for name in layers:
+            torch.testing.assert_close(r.gates[name], alone.gates[name], rtol=1e-4, atol=1e-5)
         assert r.holding_rate_strict == alone.holding_rate_strict and r.settings["batched"] == len(jobs)
+        assert [h["hard_units"] for h in r.history] == [h["hard_units"] for h in alone.history]
+        assert r.w_b["learned"] == pytest.approx(alone.w_b["learned"], rel=1e-4)
     assert_untouched(model, snap)
     with pytest.raises(OptionError, match="target mode"):
         find_core_units_batched(model, "feat", jobs, cache, progress=False, target_holding_rate=0.99)

@@ -24,7 +24,7 @@ from coreunits._core.evaluation import evaluate_gates, removal_curve
 from coreunits._core.io import atomic_write_text, file_digest
 from coreunits._core.progress import progress_bar
 from coreunits._core.result import CoreUnits, fingerprint_of, read_record
-from coreunits._core.selection import BATCH_SELECTIONS, DEFAULTS, find_core_units_batched
+from coreunits._core.selection import DEFAULTS, batch_selections, find_core_units_batched
 from coreunits.paper import cifar10_data, coefficients, default_checkpoint
 
 __all__ = ["Work", "paper_data", "plan", "run_dataset"]
@@ -102,11 +102,11 @@ def _random_subset_rates(cache: ActivationCache, rows: torch.Tensor, k: int, tot
     return out
 
 
-def _batches(group: list[Work]) -> Iterator[list[Work]]:
-    """Consecutive works of one layer group, at most BATCH_SELECTIONS, sharing their D'_c rule."""
+def _batches(group: list[Work], size: int) -> Iterator[list[Work]]:
+    """Consecutive works of one layer group, at most ``size``, sharing their D'_c rule."""
     batch: list[Work] = []
     for w in group:
-        if batch and (len(batch) == BATCH_SELECTIONS or w.positives_only != batch[0].positives_only):
+        if batch and (len(batch) == size or w.positives_only != batch[0].positives_only):
             yield batch
             batch = []
         batch.append(w)
@@ -249,7 +249,7 @@ def run_dataset(
             t0 = time.perf_counter()
             cache = ActivationCache(model, list(layers), data, batch_size=1000, progress=progress, device=device)
             cache_seconds += time.perf_counter() - t0
-            for batch in _batches(group):
+            for batch in _batches(group, batch_selections(cache.device)):
                 bar.set_postfix_str(batch[0].key + ("" if len(batch) == 1 else f" +{len(batch) - 1}"))
                 for w, res in zip(batch, _select(batch, model, cache, dataset, overrides, quick)):
                     record = _do(w, res, cache, fingerprint)

@@ -25,7 +25,7 @@ from coreunits._core.errors import DataError
 from coreunits._core.io import atomic_write_text
 from coreunits._core.progress import progress_bar
 from coreunits._core.result import fingerprint_of, read_record
-from coreunits._core.selection import BATCH_SELECTIONS, find_core_units, find_core_units_batched
+from coreunits._core.selection import batch_selections, find_core_units, find_core_units_batched
 from coreunits.report import csv_text
 
 __all__ = ["SweepTask", "plan", "run_sweep", "select_task", "write_sweep_report"]
@@ -150,8 +150,9 @@ def run_sweep(model: nn.Module, data: Any, tasks: Sequence[SweepTask], out: str 
 
                 run_on_ray(cache, group, select_task, options, save, workers=workers, address=ray_address)
             else:
-                for start in range(0, len(group), BATCH_SELECTIONS):
-                    batch = group[start:start + BATCH_SELECTIONS]
+                size = batch_selections(cache.device)
+                for start in range(0, len(group), size):
+                    batch = group[start:start + size]
                     for task, record in zip((t for t, _, _ in batch), select_tasks(cache, batch, options)):
                         save(task, record)
             del cache

@@ -9,13 +9,45 @@ from torch import nn
 
 from coreunits._core.errors import OptionError
 
-__all__ = ["HardConcreteGate", "SwitchGate"]
+__all__ = ["HardConcreteGate", "SwitchGate", "logistic_noise"]
 
 # Logistic noise is drawn from U(eps, 1 - eps) to keep log() finite.
 _EPS = 1e-6
 
 
-class SwitchGate(nn.Module):
+class _Gates(nn.Module):
+    """What every gate kind shares: its parameters ``x`` (one per unit) and the methods read on them.
+
+    Each kind defines ``probs_of``, ``sample_of`` and ``hard_of`` on parameters of any
+    leading shape, so a stack of gate sets (``optimise_stacked``) uses the same formulas.
+    """
+
+    x: nn.Parameter
+
+    def probs_of(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_of(self, x: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hard_of(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def probs(self) -> torch.Tensor:
+        """The gate values the unit cost and penalty act on (differentiable in ``x``)."""
+        return self.probs_of(self.x)
+
+    def sample(self, batch: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Gates ``(batch, K)`` drawn with ``generator``, differentiable in ``x``."""
+        u = torch.rand((batch, self.x.numel()), generator=generator, device=self.x.device)
+        return self.sample_of(self.x, logistic_noise(u), temperature)
+
+    def hard(self) -> torch.Tensor:
+        """The rounded gates (True: the unit is kept)."""
+        return self.hard_of(self.x.detach())
+
+
+class SwitchGate(_Gates):
     """Gates for the units of one layer, ``b = sigmoid(w * x)`` with fixed ``w > 0``.
 
     The paper relaxes the binary gate to ``sigmoid(w * x)`` and rounds at 0.5.
@@ -44,23 +76,20 @@ class SwitchGate(nn.Module):
         logit = torch.logit(torch.tensor(float(init)))
         self.x = nn.Parameter(torch.full((num_units,), float(logit) / self.w))
 
-    def probs(self) -> torch.Tensor:
-        """Gate values ``b = sigmoid(w * x)``."""
-        return torch.sigmoid(self.w * self.x)
+    def probs_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``b`` for gate parameters ``x`` of any leading shape (a stack of gate sets, say)."""
+        return torch.sigmoid(self.w * x)
 
-    def sample(self, batch: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-        """Relaxed-Bernoulli gates ``(batch, K)``, differentiable in ``x``."""
-        u = torch.rand((batch, self.x.numel()), generator=generator, device=self.x.device)
-        u = u.clamp(_EPS, 1.0 - _EPS)
-        noise = torch.log(u) - torch.log1p(-u)
-        return torch.sigmoid((self.w * self.x + noise) / temperature)
+    def sample_of(self, x: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Relaxed-Bernoulli gates for parameters ``x`` and drawn :func:`logistic_noise` (broadcast together)."""
+        return torch.sigmoid((self.w * x + noise) / temperature)
 
-    def hard(self) -> torch.Tensor:
+    def hard_of(self, x: torch.Tensor) -> torch.Tensor:
         """Rounded gates: True where ``b >= 0.5`` (i.e. ``x >= 0``)."""
-        return (self.x.detach() >= 0)
+        return x >= 0
 
 
-class HardConcreteGate(nn.Module):
+class HardConcreteGate(_Gates):
     """L0 gates with the hard-concrete relaxation (Louizos, Welling & Kingma, 2018).
 
     An alternative to the paper's ``sigmoid`` + phi penalty: each gate is a
@@ -89,21 +118,25 @@ class HardConcreteGate(nn.Module):
         start = float(torch.logit(torch.tensor(float(init)))) + self._shift
         self.x = nn.Parameter(torch.full((num_units,), start))
 
-    def probs(self) -> torch.Tensor:
-        """``P(z != 0)`` per gate (differentiable in ``log_alpha = x``)."""
-        return torch.sigmoid(self.x - self._shift)
+    def probs_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``P(z != 0)`` for parameters ``x`` of any leading shape."""
+        return torch.sigmoid(x - self._shift)
 
     def _stretch(self, s: torch.Tensor) -> torch.Tensor:
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
-    def sample(self, batch: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-        """Hard-concrete gates ``(batch, K)``; ``temperature`` is ignored (``beta`` is used)."""
+    def sample_of(self, x: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Hard-concrete gates for parameters ``x`` and :func:`logistic_noise`; ``temperature`` is ignored
+        (``beta`` is used)."""
         del temperature
-        u = torch.rand((batch, self.x.numel()), generator=generator, device=self.x.device)
-        u = u.clamp(_EPS, 1.0 - _EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.x) / self.beta)
-        return self._stretch(s)
+        return self._stretch(torch.sigmoid((noise + x) / self.beta))
 
-    def hard(self) -> torch.Tensor:
+    def hard_of(self, x: torch.Tensor) -> torch.Tensor:
         """The test-time gate ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``, rounded at 0.5."""
-        return self._stretch(torch.sigmoid(self.x.detach())) >= 0.5
+        return self._stretch(torch.sigmoid(x)) >= 0.5
+
+
+def logistic_noise(u: torch.Tensor) -> torch.Tensor:
+    """Logistic noise ``log(u) - log(1 - u)`` from uniform draws ``u`` (kept off 0 and 1)."""
+    u = u.clamp(_EPS, 1.0 - _EPS)
+    return torch.log(u) - torch.log1p(-u)

@@ -35,11 +35,16 @@ __all__ = [
 _STD_FLOOR = 1e-6
 
 
-def center_margin(scores: torch.Tensor, target_class: int) -> torch.Tensor:
-    """``(max(s) - s_c) / std(s)`` per example: 0 when c is the argmax, > 0 otherwise."""
+def center_margin(scores: torch.Tensor, target_class: int | torch.Tensor) -> torch.Tensor:
+    """``(max(s) - s_c) / std(s)`` per example: 0 when c is the argmax, > 0 otherwise.
+
+    ``target_class`` is one class, or one per example (a batch of several selections).
+    """
     top = scores.max(dim=1).values
     std = scores.std(dim=1, unbiased=False).clamp_min(_STD_FLOOR)
-    return (top - scores[:, target_class]) / std
+    own = (scores[:, target_class] if isinstance(target_class, int)
+           else scores.gather(1, target_class[:, None]).squeeze(1))
+    return (top - own) / std
 
 
 def decision_margin(scores: torch.Tensor, target_class: int) -> torch.Tensor:

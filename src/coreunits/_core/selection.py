@@ -26,31 +26,24 @@ Where this departs from the paper's text, and why (each measured):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
-from coreunits._core.ablation import check_ablation
 from coreunits._core.cache import ActivationCache
+from coreunits._core.config import DEFAULTS, AlphaArg, SelectionConfig
 from coreunits._core.dprime import DPrime, build_dprime, check_class
 from coreunits._core.engine import OutputFn
 from coreunits._core.errors import DataError, OptionError
 from coreunits._core.evaluation import evaluate_gates
-from coreunits._core.gates import HardConcreteGate, SwitchGate
-from coreunits._core.guard import preserved_model_state
-from coreunits._core.layers import LayerArg, LayerSpec, resolve_layers
-from coreunits._core.objective import center_margin, center_score, selection_loss
-from coreunits._core.progress import progress_bar
+from coreunits._core.layers import LayerArg, resolve_layers
+from coreunits._core.optimise import GateRun, build_run, optimise, optimise_stacked
 from coreunits._core.result import CoreUnits
 from coreunits._core.target import (
-    DROP_ORDERS,
     LOOSER_POOLS,
     POOL_COST_SHARE,
     Judge,
@@ -64,122 +57,13 @@ from coreunits._core.target import (
     smallest_set,
 )
 
-__all__ = ["DEFAULTS", "SelectionConfig", "find_core_units"]
+__all__ = ["DEFAULTS", "SelectionConfig", "batch_selections", "find_core_units", "find_core_units_batched"]
 
-_PROBE_ROWS = 2048
-_RELAXATIONS = ("switch", "hard_concrete")
-_READINGS = ("strict", "paper")
 #: Target mode divides alpha (and lam) by this after a run that misses the target.
 _ALPHA_STEP = 3.0
 
-AlphaArg = float | Mapping[str, float]
-
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """Every setting of a selection, in one place: its defaults, its checks, and what a result records.
-
-    The coefficient defaults were chosen on MNIST (see README "Method notes").
-    :func:`find_core_units` takes these as keyword arguments or as one
-    ``config``; the result's ``settings`` holds them as they were used.
-
-    Attributes:
-        alpha: cost of one unit (paper's alpha divided by |D'_c|); a dict prices each layer.
-        lam: weight of the relaxation penalty phi (ramped in over the second half).
-        epochs: passes over D'_c (at least ``min_steps`` steps are taken).
-        batch_size: mini-batch size.
-        lr: Adam learning rate for the gate parameters and ``w_b``.
-        temperature: temperature of the concrete gate noise.
-        gate_slope: the fixed ``w > 0`` in ``b = sigmoid(w x)``.
-        init_gate: initial ``b`` of every gate.
-        w_b_init: initial center-classifier weight ``w_b``.
-        min_steps: minimum number of optimisation steps.
-        patience: steps the rounded mask must stay unchanged (second half) to stop early.
-        positives_only: D'_c from positives only (the paper's input-layer setting).
-        relaxation: ``"switch"`` (the paper's gates + phi) or ``"hard_concrete"`` (L0 gates).
-        target_holding_rate: target mode's holding rate on D'_c (None: plain selection).
-        reading: the reading the target is judged in, ``"strict"`` or ``"paper"``.
-        calibration_runs: most optimisations target mode runs.
-        drop_order: how target mode drops units, ``"least_harm"`` or ``"gate"``.
-        ablation: what a masked unit becomes, ``"zero"``, ``"mean"`` or ``"resample"``
-            (see ``_core.ablation``); None: the cache's (zero when built here).
-    """
-
-    alpha: AlphaArg = 2e-3
-    lam: float = 1e-2
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 0.1
-    temperature: float = 0.5
-    gate_slope: float = 1.0
-    init_gate: float = 0.95
-    w_b_init: float = 1.0
-    min_steps: int = 150
-    patience: int = 25
-    positives_only: bool = False
-    relaxation: str = "switch"
-    target_holding_rate: float | None = None
-    reading: str = "strict"
-    calibration_runs: int = 4
-    drop_order: str = "least_harm"
-    ablation: str | None = None
-
-    def check(self) -> SelectionConfig:
-        """Raise :class:`OptionError` (one line: the problem and the fix) for a bad setting; return self."""
-        alphas = list(self.alpha.values()) if isinstance(self.alpha, Mapping) else [self.alpha]
-        if self.lam < 0 or any(a < 0 for a in alphas):
-            raise OptionError(f"alpha and lam must be >= 0, got alpha={self.alpha}, lam={self.lam}")
-        if self.batch_size < 1 or self.epochs < 0:
-            raise OptionError(f"batch_size must be >= 1 and epochs >= 0, got {self.batch_size} and {self.epochs}")
-        _check_choice("relaxation", self.relaxation, _RELAXATIONS)
-        _check_choice("reading", self.reading, _READINGS)
-        _check_choice("drop_order", self.drop_order, DROP_ORDERS)
-        if self.ablation is not None:
-            check_ablation(self.ablation)
-        t = self.target_holding_rate
-        if t is not None and not 0.0 < t <= 1.0:
-            raise OptionError(f"target_holding_rate must be in (0, 1], got {t}; e.g. 0.995")
-        if self.calibration_runs < 1:
-            raise OptionError(f"calibration_runs must be >= 1, got {self.calibration_runs}")
-        return self
-
-    def with_options(self, **options: Any) -> SelectionConfig:
-        """A copy with ``options`` replaced; an unknown name is a TypeError naming the closest setting."""
-        known = [f.name for f in dataclasses.fields(self)]
-        for name in options:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(known)}"
-                raise TypeError(f"find_core_units() got an unexpected keyword argument {name!r}{hint}")
-        return dataclasses.replace(self, **options)
-
-    def settings(self) -> dict[str, Any]:
-        """The settings a result records (alpha as a plain float or dict)."""
-        out = dataclasses.asdict(self)
-        out["alpha"] = dict(self.alpha) if isinstance(self.alpha, Mapping) else self.alpha
-        return out
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise OptionError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-#: The default coefficients and schedule, as a dict (what a reproduction's fingerprint records).
-DEFAULTS: dict[str, Any] = {
-    k: getattr(SelectionConfig(), k)
-    for k in ("alpha", "lam", "epochs", "batch_size", "lr", "temperature", "gate_slope", "init_gate", "w_b_init",
-              "min_steps", "patience")
-}
-
-
-def _lambda_ramp(step: int, total: int) -> float:
-    """0 for the first half of the steps, then linear to 1 at three quarters."""
-    start, length = 0.5 * total, max(1.0, 0.25 * total)
-    return min(1.0, max(0.0, (step - start) / length))
 
 
 def _as_cache(
@@ -301,9 +185,18 @@ def find_core_units(
     return _select(cache, target_class, cfg, seed, progress, t0)
 
 
-#: How many selections sweep and reproduce optimise together (``find_core_units_batched``); a run
+#: How many selections sweep and reproduce optimise together (``find_core_units_batched``) on a CPU; a run
 #: stopped mid-batch redoes at most this many.
 BATCH_SELECTIONS = 10
+#: The same on a GPU, where a step is launches rather than arithmetic: on an H200, 30 max2 selections of the
+#: paper's MNIST net ran 2x as many selections per second in one batch as in batches of 10 (benchmarks/RESULTS.md),
+#: and a stopped batch of 30 costs seconds there.
+BATCH_SELECTIONS_GPU = 30
+
+
+def batch_selections(device: torch.device | str) -> int:
+    """How many selections to optimise together on ``device`` (sweep, reproduce)."""
+    return BATCH_SELECTIONS_GPU if torch.device(device).type == "cuda" else BATCH_SELECTIONS
 
 
 @_grad_enabled
@@ -342,8 +235,8 @@ def find_core_units_batched(
     cache = _as_cache(model, layers, data, cfg.batch_size, output_fn, unit_dim, device, engine, progress,
                       cfg.ablation)
     jobs = [(check_class(int(c), cache.num_classes), int(seed)) for c, seed in selections]
-    runs = [(c, _build_gates(cache, c, cfg, seed)) for c, seed in jobs]
-    _optimise_together(cache, runs, progress)
+    runs = [(c, build_run(cache, c, cfg, seed)) for c, seed in jobs]
+    optimise_stacked(cache, runs, progress)
     results = [_result(cache, c, run, seed, t0) for (c, run), (_, seed) in zip(runs, jobs)]
     share = (time.perf_counter() - t0) / len(results)
     for r in results:
@@ -352,180 +245,15 @@ def find_core_units_batched(
     return results
 
 
-@dataclass
-class _Optimisation:
-    """The state of one gate optimisation: D'_c, the gates, ``w_b`` and the optimiser."""
-
-    cfg: SelectionConfig
-    dprime: DPrime
-    gates: list[SwitchGate | HardConcreteGate]
-    log_wb: torch.Tensor
-    params: list[torch.Tensor]
-    alpha: float | torch.Tensor
-    total_steps: int
-    index_gen: torch.Generator
-    noise_gen: torch.Generator
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    @property
-    def w_b(self) -> float:
-        return float(self.log_wb.detach().exp())
-
-    def hard(self) -> list[torch.Tensor]:
-        return [g.hard() for g in self.gates]
-
-
-def _alpha_vector(alpha: AlphaArg, specs: Sequence[LayerSpec], dev: torch.device) -> float | torch.Tensor:
-    """alpha as one float, or one entry per unit for a per-layer dict (which must name exactly the layers)."""
-    if not isinstance(alpha, Mapping):
-        return float(alpha)
-    names = [s.name for s in specs]
-    if set(alpha) != set(names):
-        raise OptionError(f"alpha dict must give exactly the layers {names}, got {list(alpha)}")
-    return torch.cat([torch.full((s.num_units,), float(alpha[s.name]), device=dev) for s in specs])
-
-
-def _build_gates(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int) -> _Optimisation:
-    """D'_c, one gate per unit, ``w_b`` and Adam, seeded (the order of the draws fixes the result)."""
-    dev = cache.device
-    index_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    dprime = build_dprime(cache.predictions, target_class, generator=index_gen, positives_only=cfg.positives_only)
-    steps_per_epoch = math.ceil(len(dprime) / cfg.batch_size)
-    alpha = _alpha_vector(cfg.alpha, cache.specs, dev)
-    gates: list[SwitchGate | HardConcreteGate]
-    if cfg.relaxation == "switch":
-        gates = [SwitchGate(s.num_units, cfg.gate_slope, cfg.init_gate).to(dev) for s in cache.specs]
-    else:  # hard concrete gates are pushed to 0/1 by their own stretch: no phi penalty
-        gates = [HardConcreteGate(s.num_units, cfg.init_gate).to(dev) for s in cache.specs]
-        cfg = dataclasses.replace(cfg, lam=0.0)
-    learn_wb = dprime.num_negative > 0
-    log_wb = torch.tensor(math.log(cfg.w_b_init), device=dev, requires_grad=learn_wb)
-    params = [g.x for g in gates] + ([log_wb] if learn_wb else [])
-    return _Optimisation(cfg, dprime, gates, log_wb, params, alpha, max(cfg.epochs * steps_per_epoch, cfg.min_steps),
-                         index_gen, noise_gen)
-
-
-@dataclass
-class _Stepping:
-    """One optimisation's place in the loop: its optimiser, batch order, epoch sums and stopping state."""
-
-    target_class: int
-    run: _Optimisation
-    opt: torch.optim.Optimizer
-    labels: torch.Tensor
-    probe_rows: torch.Tensor
-    perm: torch.Tensor
-    last_mask: torch.Tensor
-    step: int = 0
-    stable: int = 0
-    epoch_loss: float = 0.0
-    epoch_sq: float = 0.0
-    epoch_n: int = 0
-    done: bool = False
-
-    @classmethod
-    def start(cls, cache: ActivationCache, target_class: int, run: _Optimisation) -> _Stepping:
-        n = len(run.dprime)
-        return cls(target_class, run, torch.optim.Adam(run.params, lr=run.cfg.lr),
-                   run.dprime.labels.to(cache.device), run.dprime.index[: min(n, _PROBE_ROWS)],
-                   torch.randperm(n, generator=run.index_gen), torch.cat(run.hard()))
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.run.dprime) / self.run.cfg.batch_size)
-
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """This step's positions in D'_c, their cache rows and their sampled gates (the runs' own generators)."""
-        run, k = self.run, self.step % self.steps_per_epoch
-        if k == 0 and self.step > 0:
-            self.perm = torch.randperm(len(run.dprime), generator=run.index_gen)
-        batch = self.perm[k * run.cfg.batch_size : (k + 1) * run.cfg.batch_size]
-        idx = run.dprime.index.index_select(0, batch)
-        return batch, idx, [g.sample(idx.numel(), run.cfg.temperature, run.noise_gen) for g in run.gates]
-
-
-def _optimise(cache: ActivationCache, target_class: int, run: _Optimisation, progress: bool) -> None:
-    """Adam on the objective until ``total_steps`` or settled; one history record per epoch."""
-    _optimise_together(cache, [(target_class, run)], progress)
-
-
-def _optimise_together(cache: ActivationCache, jobs: Sequence[tuple[int, _Optimisation]], progress: bool) -> None:
-    """Optimise several gate sets in lock step: each step runs all their batches through the suffix at once.
-
-    Each set keeps its own D'_c, generators, optimiser and stopping rule, so it takes
-    the steps it would take alone; only the suffix passes are shared (one launch for
-    S batches: what pays where a step is overhead, not arithmetic). With one job this
-    is the plain optimisation.
-    """
-    states = [_Stepping.start(cache, c, run) for c, run in jobs]
-    desc = f"class {jobs[0][0]}" if len(jobs) == 1 else f"{len(jobs)} selections"
-    bar = progress_bar(enabled=progress, total=sum(run.total_steps for _, run in jobs), desc=desc, unit="step",
-                       leave=False)
-    with bar, preserved_model_state(cache.model), cache.gated.activated():
-        while live := [st for st in states if not st.done]:
-            batches = [st.batch() for st in live]
-            rows = torch.cat([idx for _, idx, _ in batches]) if len(batches) > 1 else batches[0][1]
-            gates = [torch.cat(layer) if len(batches) > 1 else layer[0]
-                     for layer in zip(*(sampled for _, _, sampled in batches))]
-            all_scores = cache.suffix_scores(rows, gates).split([idx.numel() for _, idx, _ in batches])
-            losses = []
-            for st, (batch, idx, _), scores in zip(live, batches, all_scores):
-                run = st.run
-                y_hat = center_score(center_margin(scores, st.target_class), run.log_wb.exp())
-                probs = torch.cat([g.probs() for g in run.gates])
-                lam_t = run.cfg.lam * _lambda_ramp(st.step, run.total_steps)
-                loss, sq = selection_loss(y_hat, st.labels.index_select(0, batch.to(cache.device)), probs, run.alpha,
-                                          lam_t)
-                losses.append((loss, sq, probs, lam_t))
-                st.epoch_loss += float(loss.detach()) * idx.numel()
-                st.epoch_sq += float(sq.detach()) * idx.numel()
-                st.epoch_n += idx.numel()
-            params = [p for st in live for p in st.run.params]
-            # Each loss depends on its own set's parameters only: one backward gives every set its own gradient.
-            total = losses[0][0] if len(losses) == 1 else torch.stack([loss for loss, *_ in losses]).sum()
-            for p, g in zip(params, torch.autograd.grad(total, params)):
-                p.grad = g
-            for st, (_, _, probs, lam_t) in zip(live, losses):
-                st.opt.step()
-                _after_step(cache, st, probs, lam_t, bar)
-
-
-def _after_step(cache: ActivationCache, st: _Stepping, probs: torch.Tensor, lam_t: float, bar: Any) -> None:
-    """Count the step, write the epoch's history record, and stop the set once it is done or settled."""
-    run, cfg = st.run, st.run.cfg
-    mask = torch.cat(run.hard())
-    st.stable = st.stable + 1 if torch.equal(mask, st.last_mask) else 0
-    st.last_mask = mask
-    bar.update(1)
-    settled = bool(
-        st.step >= run.total_steps // 2
-        and st.stable >= cfg.patience
-        and float(torch.minimum(probs, 1 - probs).detach().max()) < 0.1
-    )
-    last = st.step == run.total_steps - 1
-    if st.step % st.steps_per_epoch == st.steps_per_epoch - 1 or last or settled:
-        rates = evaluate_gates(cache, st.probe_rows, [h.float() for h in run.hard()], st.target_class, w_b=run.w_b)
-        run.history.append({
-            "step": st.step + 1, "loss": st.epoch_loss / st.epoch_n, "squared_error": st.epoch_sq / st.epoch_n,
-            "soft_units": float(probs.detach().sum()), "hard_units": int(mask.sum()),
-            "holding_rate_probe": rates.strict, "w_b": run.w_b, "lambda": lam_t,
-        })
-        st.epoch_loss, st.epoch_sq, st.epoch_n = 0.0, 0.0, 0
-        bar.set_postfix(units=int(mask.sum()), holding=f"{rates.strict:.3f}")
-    st.step += 1
-    st.done = settled or last
-
-
 def _select(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
             t0: float) -> CoreUnits:
     """One plain selection: build the gates, optimise them, round and judge the mask on D'_c."""
-    run = _build_gates(cache, target_class, cfg, seed)
-    _optimise(cache, target_class, run, progress)
+    run = build_run(cache, target_class, cfg, seed)
+    optimise(cache, target_class, run, progress)
     return _result(cache, target_class, run, seed, t0)
 
 
-def _result(cache: ActivationCache, target_class: int, run: _Optimisation, seed: int, t0: float) -> CoreUnits:
+def _result(cache: ActivationCache, target_class: int, run: GateRun, seed: int, t0: float) -> CoreUnits:
     """An optimised run's rounded mask, judged on all of its D'_c, as a result."""
     hard = run.hard()
     final = evaluate_gates(cache, run.dprime.index, [h.float() for h in hard], target_class)
