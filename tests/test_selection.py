@@ -17,6 +17,7 @@ from coreunits import (
     holding_rate,
     mask_units,
 )
+from coreunits._core.selection import BATCH_SELECTIONS, BATCH_SELECTIONS_GPU, batch_selections
 
 
 def test_planted_truth_recovered(planted) -> None:
@@ -195,3 +196,9 @@ def test_batched_selections_equal_one_at_a_time(planted, layers, options) -> Non
         find_core_units_batched(model, "feat", jobs, cache, progress=False, target_holding_rate=0.99)
     with pytest.raises(OptionError, match="no selections"):
         find_core_units_batched(model, "feat", [], cache, progress=False)
+
+
+def test_batch_selections_by_device() -> None:
+    # A GPU step is launches, so it stacks more selections; a CPU step is arithmetic.
+    assert batch_selections("cpu") == BATCH_SELECTIONS < batch_selections("cuda") == BATCH_SELECTIONS_GPU
+    assert batch_selections(torch.device("cuda", 0)) == BATCH_SELECTIONS_GPU

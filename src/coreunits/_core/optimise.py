@@ -132,7 +132,7 @@ class _Stepping:
 
     def _shuffle(self) -> None:
         perm = torch.randperm(len(self.run.dprime), generator=self.run.index_gen)
-        self.rows, self.labels = self.run.dprime.index[perm], self.run.dprime.labels[perm]
+        self.rows, self.labels = self.run.dprime.index.index_select(0, perm), self.run.dprime.labels.index_select(0, perm)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's cache rows and labels (CPU), in the run's own batch order (a new one each epoch)."""
