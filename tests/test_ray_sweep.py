@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:only .* input
 
 # Enough steps that one selection takes a few seconds: long enough for the kill test to catch a task running.
 OPTIONS: dict[str, Any] = {"alpha": 0.002, "min_steps": 600, "batch_size": 64}
-TASKS = plan(["1"], [0, 1, 2], runs=2)
+# 12 tasks: batches of 10 and 2 (batch_selections on a CPU), so both workers get one
+TASKS = plan(["1"], [0, 1, 2], runs=4)
 
 
 def _model_and_data() -> tuple[nn.Module, torch.Tensor]:

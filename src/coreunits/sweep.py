@@ -145,14 +145,14 @@ def run_sweep(model: nn.Module, data: Any, tasks: Sequence[SweepTask], out: str 
             group = [item for item in todo if item[0].layer == layer]
             cache = ActivationCache(model, layer, data, batch_size=batch_size, progress=progress,
                                     ablation=options.get("ablation") or "zero")
+            size = batch_selections(cache.device)
+            batches = [group[start:start + size] for start in range(0, len(group), size)]
             if workers > 1 or ray_address is not None:
                 from coreunits._core.ray_sweep import run_on_ray
 
-                run_on_ray(cache, group, select_task, options, save, workers=workers, address=ray_address)
+                run_on_ray(cache, batches, select_tasks, options, save, workers=workers, address=ray_address)
             else:
-                size = batch_selections(cache.device)
-                for start in range(0, len(group), size):
-                    batch = group[start:start + size]
+                for batch in batches:
                     for task, record in zip((t for t, _, _ in batch), select_tasks(cache, batch, options)):
                         save(task, record)
             del cache

@@ -27,7 +27,8 @@ MAX_RETRIES = 3
 # Per worker process: the cache of the layer it is working on, by object-store id.
 _WORKER_CACHE: dict[str, ActivationCache] = {}
 
-Select = Callable[[ActivationCache, Any, dict[str, Any], str, "str | None"], dict[str, Any]]
+Item = tuple[Any, str, "str | None"]  # (task, fingerprint, class name)
+SelectBatch = Callable[[ActivationCache, Sequence[Item], dict[str, Any]], list[dict[str, Any]]]
 
 
 def _import_ray() -> Any:
@@ -38,8 +39,8 @@ def _import_ray() -> Any:
     return ray
 
 
-def _select_on_worker(box: list[Any], select: Select, task: Any, options: dict[str, Any], fingerprint: str,
-                      class_name: str | None) -> dict[str, Any]:
+def _select_on_worker(box: list[Any], select: SelectBatch, items: Sequence[Item],
+                      options: dict[str, Any]) -> list[dict[str, Any]]:
     import ray
 
     ref = box[0]
@@ -48,16 +49,18 @@ def _select_on_worker(box: list[Any], select: Select, task: Any, options: dict[s
     if cache is None:
         _WORKER_CACHE.clear()  # the previous layer's activations
         cache = _WORKER_CACHE[key] = ray.get(ref)
-    return select(cache, task, options, fingerprint, class_name)
+    return select(cache, items, options)
 
 
-def run_on_ray(cache: ActivationCache, group: Sequence[tuple[Any, str, str | None]], select: Select,
+def run_on_ray(cache: ActivationCache, batches: Sequence[Sequence[Item]], select: SelectBatch,
                options: dict[str, Any], save: Callable[[Any, dict[str, Any]], None], *, workers: int,
                address: str | None) -> None:
-    """Run ``select(cache, task, ...)`` for each ``(task, fingerprint, class name)`` of ``group`` on Ray.
+    """Run ``select(cache, batch, options)`` for each batch of ``(task, fingerprint, class name)`` on Ray.
 
-    ``save(task, record)`` is called in the driver as each task finishes. A Ray already initialised by the
-    caller is used as it is; otherwise one is started (``address``: a cluster to join) and shut down after.
+    A batch is what the sequential sweep optimises together, so each record is the one it would write.
+    ``save(task, record)`` is called in the driver for each task of a batch as the batch finishes. A Ray
+    already initialised by the caller is used as it is; otherwise one is started (``address``: a cluster to
+    join) and shut down after.
     """
     ray = _import_ray()
     if workers < 1:
@@ -69,11 +72,12 @@ def run_on_ray(cache: ActivationCache, group: Sequence[tuple[Any, str, str | Non
     try:
         remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_select_on_worker)
         ref = ray.put(cache)
-        pending = {remote.remote([ref], select, task, options, fp, name): task for task, fp, name in group}
+        pending = {remote.remote([ref], select, list(batch), options): batch for batch in batches}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            task = pending.pop(done[0])
-            save(task, ray.get(done[0]))
+            batch = pending.pop(done[0])
+            for (task, _, _), record in zip(batch, ray.get(done[0])):
+                save(task, record)
         del ref
     finally:
         if started:
