@@ -115,7 +115,26 @@ def test_paper_reading_toggles_equal_judging_each_mask_alone(problem: SelectionP
             assert (score is None) == (batched[j][0] < target)  # type: ignore[index]
 
 
-def test_a_given_up_candidate_misses_the_target(problem: SelectionProblem) -> None:
+def test_paper_reading_gives_a_missing_mask_up_early(problem: SelectionProblem) -> None:
+    # A mask that keeps no unit changes about every decision of c: in the paper reading too it is
+    # rejected after its first chunk, not judged on all of D'_c, and the answer is the same.
+    problem.reading = "paper"
+    computed: list[int] = []
+    compute = problem._compute
+    problem._compute = lambda mask, rows: computed.append(len(rows)) or compute(mask, rows)  # type: ignore[method-assign]
+    empty = torch.zeros(problem.num_units, dtype=torch.bool)
+    reached, bound = problem.reaches(empty, 0.99, chunk=50)
+    assert not reached and sum(computed) < len(problem.rows)
+    assert bound >= problem.holding(empty)
+    full = torch.ones(problem.num_units, dtype=torch.bool)
+    computed.clear()
+    assert problem.reaches(full, 0.0, chunk=50) == (True, problem.holding(full))
+    assert sum(computed) == len(problem.rows)
+
+
+@pytest.mark.parametrize("reading", ["strict", "paper"])
+def test_a_given_up_candidate_misses_the_target(problem: SelectionProblem, reading: str) -> None:
+    problem.reading = reading
     mask = torch.ones(problem.num_units, dtype=torch.bool)
     full = problem.toggle_rates(mask, list(range(problem.num_units)))
     rates = sorted(r[0] for r in full.values() if r is not None)

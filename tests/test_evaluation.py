@@ -80,3 +80,32 @@ def test_refit_w_b_coarse_to_fine_matches_the_full_grid_search() -> None:
                              torch.rand(400, generator=g) * spread)
         errors = torch.stack([((labels - center_score(margin, w)) ** 2).sum() for w in grid])
         assert refit_w_b(margin, labels) == float(grid[int(errors.argmin())])
+
+
+def test_paper_miss_bound_never_exceeds_the_refitted_reading() -> None:
+    # On any prefix of the inputs, the fewest decisions changed under some grid w_b is at most the
+    # decisions the paper reading changes on all of them with its refitted w_b: what lets a mask be
+    # given up early. On all inputs it also equals the grid's true minimum (up to the threshold slack).
+    from coreunits._core.evaluation import paper_holding
+    from coreunits._core.objective import center_score, w_b_grid
+    from coreunits._core.paper_bound import PaperMissBound
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        n = 500
+        original = torch.rand(n, generator=g) < 0.5
+        spread = float(torch.rand(1, generator=g)) * 3 + 0.1
+        margin = torch.where(original, torch.relu(torch.randn(n, generator=g) * spread - 0.3),
+                             torch.rand(n, generator=g) * spread)
+        rate, _ = paper_holding(margin, original)
+        changed = round((1.0 - rate) * n)
+        bound = PaperMissBound(2)
+        seen = 0
+        for part in margin.split(97):
+            bound.add(torch.stack([part, part + 10.0]), original[seen : seen + len(part)])
+            seen += len(part)
+            assert int(bound.least()[0]) <= changed
+        per_w = torch.stack([((center_score(margin, w) >= 0.5) != original).sum() for w in w_b_grid()])
+        assert int(bound.least()[0]) == int(per_w.min())
+        # Margins raised by 10 push every input of c past every threshold but the largest few.
+        assert int(bound.least(torch.tensor([1]))[0]) >= int(bound.least(torch.tensor([0]))[0])

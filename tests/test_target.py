@@ -6,7 +6,7 @@ import pytest
 import torch
 from planted import PlantedNet, planted_data
 
-from coreunits import ActivationCache, find_core_units
+from coreunits import ActivationCache, SelectionProblem, find_core_units
 from coreunits._core.stability import stability
 from coreunits._core.target import (
     ADD_BACK_SLACK,
@@ -319,6 +319,9 @@ def test_target_mode_paper_reading_and_bad_targets(planted) -> None:
     r = find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=0.95, reading="paper")
     assert r.settings["target"]["reading"] == "paper"
     assert r.holding_rate >= 0.95
+    # "feat" feeds a Linear: the paper reading's candidates can be given up early too, so it ends with
+    # exact elimination, as the strict reading does.
+    assert SelectionProblem(cache, "feat", 0).batched_toggles and r.settings["target"]["exact_finish"]
     with pytest.raises(ValueError, match="target_holding_rate"):
         find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=1.5)
     with pytest.raises(ValueError, match="reading"):

@@ -38,6 +38,7 @@ __all__ = [
     "holding_rate",
     "mask_units",
     "masked_scores",
+    "paper_holding",
     "removal_curve",
 ]
 
@@ -117,10 +118,14 @@ def _original_decisions(cache: ActivationCache, rows: torch.Tensor, target_class
 def _holding_rates(scores: torch.Tensor, original: torch.Tensor, target_class: int,
                    w_b: float | None) -> HoldingRates:
     strict = float((strict_decision(scores, target_class) == original).float().mean())
-    margin = center_margin(scores, target_class)
-    wb = refit_w_b(margin, original.float()) if w_b is None else float(w_b)
-    paper = float(((center_score(margin, wb) >= 0.5) == original).float().mean())
+    paper, wb = paper_holding(center_margin(scores, target_class), original, w_b)
     return HoldingRates(strict, paper, wb, int(original.numel()))
+
+
+def paper_holding(margin: torch.Tensor, original: torch.Tensor, w_b: float | None = None) -> tuple[float, float]:
+    """The paper reading's holding rate of one mask's center margins, and the ``w_b`` it used (refitted when None)."""
+    wb = refit_w_b(margin, original.float()) if w_b is None else float(w_b)
+    return float(((center_score(margin, wb) >= 0.5) == original).float().mean()), wb
 
 
 def _rates_of(scores: torch.Tensor, original: torch.Tensor, target_class: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ __all__ = [
     "refit_w_b",
     "selection_loss",
     "strict_decision",
+    "w_b_grid",
 ]
 
 # Scores of an example with (numerically) equal classes have no spread;
@@ -97,7 +98,7 @@ def refit_w_b(margin: torch.Tensor, labels: torch.Tensor) -> float:
     """
     margin = margin.float()
     labels = labels.float()
-    grid = torch.logspace(-3, 3, 241, device=margin.device)
+    grid = w_b_grid(margin.device)
 
     def errors(ws: torch.Tensor) -> torch.Tensor:
         # (G, N) errors in chunks to bound memory on large D'_c.
@@ -109,6 +110,11 @@ def refit_w_b(margin: torch.Tensor, labels: torch.Tensor) -> float:
     coarse = int(errors(grid[::_COARSE]).argmin()) * _COARSE
     lo, hi = max(coarse - _COARSE, 0), min(coarse + _COARSE + 1, grid.numel())
     return float(grid[lo + int(errors(grid[lo:hi]).argmin())])
+
+
+def w_b_grid(device: torch.device | str | None = None) -> torch.Tensor:
+    """The values :func:`refit_w_b` chooses ``w_b`` among (241, log-spaced from 1e-3 to 1e3)."""
+    return torch.logspace(-3, 3, 241, device=device)
 
 
 #: Stride of refit_w_b's coarse pass over its 241-point grid.

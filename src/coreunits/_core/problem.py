@@ -17,6 +17,7 @@ D'_c, so a mask that misses the target is rejected after a small part of D'_c.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Any, Literal
@@ -32,10 +33,12 @@ from coreunits._core.evaluation import (
     _holding_rates,
     _original_decisions,
     masked_scores,
+    paper_holding,
     removal_curve,
 )
 from coreunits._core.incremental import build_incremental
-from coreunits._core.objective import decision_margin, strict_decision
+from coreunits._core.objective import center_margin, decision_margin, strict_decision
+from coreunits._core.paper_bound import PaperMissBound
 from coreunits._core.scoring import margin_gradient
 
 __all__ = ["READINGS", "SelectionProblem"]
@@ -50,10 +53,6 @@ MEMO_BYTES = 64 << 20
 #: (MNIST max2: 12,000 rows x 64 units x 1,024 features = 3.1 GB); above it, toggled
 #: masks compute the contributions per chunk instead (same scores, slower).
 CONTRIBUTION_BYTES = int(os.environ.get("COREUNITS_CONTRIBUTION_BYTES", str(4 << 30)))
-
-#: Candidates whose scores on all of D'_c are held at once when the paper reading is judged in a batch
-#: (16 x 12,000 rows x 10 classes: 7.7 MB).
-PAPER_TOGGLE_GROUP = 16
 
 
 class SelectionProblem:
@@ -164,58 +163,75 @@ class SelectionProblem:
     def reaches(self, mask: torch.Tensor, target: float, chunk: int = 1024) -> tuple[bool, float]:
         """Whether ``mask``'s holding rate on D'_c reaches ``target``, stopping as soon as it cannot.
 
-        In the strict reading each input's decision is final on its own, so D'_c
-        is judged chunk by chunk and the pass stops once more inputs have changed
-        decision than the target allows. Rows whose scores under ``mask`` are
-        remembered (a probe it was ranked on) are not run again, and the others
-        are run closest-to-changing first (by their margin under the last mask
-        judged on all of D'_c), so a mask that misses the target is usually
-        rejected after its first chunk. (The paper reading refits ``w_b`` on all
-        inputs, so it is judged whole.) Returns (reached, holding rate); the rate
-        is exact when reached, else an upper bound of the true (missing) rate.
+        D'_c is judged chunk by chunk and the pass stops once more inputs have
+        changed decision than the target allows: in the strict reading each
+        input's decision is final on its own; in the paper reading, which refits
+        ``w_b`` on all inputs, once more have changed under every ``w_b`` the
+        refit could choose (:class:`PaperMissBound`). Rows whose scores under
+        ``mask`` are remembered (a probe it was ranked on) are not run again, and
+        the others are run closest-to-changing first (by their margin under the
+        last mask judged on all of D'_c), so a mask that misses the target is
+        usually rejected after its first chunk. Returns (reached, holding rate);
+        the rate is exact when every row was judged, else an upper bound of the
+        true (missing) rate.
         """
-        if self.reading != "strict":
-            rate = self.holding(mask)
-            return rate >= target, rate
         mask = self._check(mask)
         key = _key(mask)
         n = len(self.rows)
         allowed = int((1.0 - target) * n + 1e-9)
         entry = self._memo.get(key)
         if entry is not None and entry[0] is None:
-            rate = float(self._kept(entry[1], None).float().mean())
+            rate = self._rate_of(entry[1])
             return rate >= target, rate
         self.evaluations += 1
         todo = self._risk if self._risk is not None else torch.arange(n)
         done_pos: list[torch.Tensor] = []
         done_scores: list[torch.Tensor] = []
+        bound = PaperMissBound(1, self.cache.device) if self.reading == "paper" else None
+        if bound is not None:
+            allowed += 1  # the paper rate is a float32 mean: one more before giving up, never one too few
         changed = 0
+
+        def judge(scores: torch.Tensor, pos: torch.Tensor) -> bool:
+            """Count ``scores`` (rows at ``pos`` of D'_c) in; whether the target is surely missed."""
+            nonlocal changed
+            done_pos.append(pos)
+            done_scores.append(scores)
+            if bound is None:
+                changed += int((~self._kept(scores, pos)).sum())
+            else:
+                bound.add(center_margin(scores, self.target_class)[None], self.original[pos.to(self.original.device)])
+                changed = int(bound.least()[0])
+            return changed > allowed
+
         if entry is not None:
             known, known_scores = entry
             assert known is not None
-            changed += int((~self._kept(known_scores, known)).sum())
             fresh = torch.ones(n, dtype=torch.bool)
             fresh[known] = False
             todo = todo[fresh[todo]]
-            done_pos.append(known)
-            done_scores.append(known_scores)
-            if changed > allowed:
+            if judge(known_scores, known):
                 return False, 1.0 - changed / n
         for start in range(0, len(todo), chunk):
             pos = todo[start : start + chunk]
-            scores = self._compute(mask, self.rows[pos])
-            changed += int((~self._kept(scores, pos)).sum())
-            done_pos.append(pos)
-            done_scores.append(scores)
-            if changed > allowed:
+            if judge(self._compute(mask, self.rows[pos]), pos):
                 return False, 1.0 - changed / n
-        # Reached: every row was judged, so the whole of D'_c's scores are known for this mask.
+        # Every row was judged, so the whole of D'_c's scores are known for this mask.
         positions = torch.cat(done_pos)
         scores = torch.cat(done_scores)
         full = torch.empty_like(scores)
         full[positions.to(full.device)] = scores
         self._remember(key, None, full)
-        return True, 1.0 - changed / n
+        if bound is None:
+            return True, 1.0 - changed / n  # no more changed than allowed, counted exactly
+        rate = self._rate_of(full)
+        return rate >= target, rate
+
+    def _rate_of(self, scores: torch.Tensor) -> float:
+        """The holding rate, in this problem's reading, of one mask's scores on all of D'_c."""
+        if self.reading == "strict":
+            return float(self._kept(scores, None).float().mean())
+        return paper_holding(center_margin(scores, self.target_class), self.original)[0]
 
     @property
     def batched_toggles(self) -> bool:
@@ -233,11 +249,11 @@ class SelectionProblem:
 
         Returns ``{unit: (holding rate, mean log-sigmoid signed margin)}``, the
         margin separating masks that keep equally many decisions. With a
-        ``target`` a candidate that misses it is ``None``; in the strict reading it
-        is given up as soon as more inputs changed decision under it than the
-        target allows (the paper reading is judged whole, :meth:`_paper_toggles`): the best
-        candidate that reaches the target, or the fact that none does, is
-        still exact. Rows are run closest-to-changing first, and all live
+        ``target`` a candidate that misses it is ``None``; it is given up as soon
+        as more inputs changed decision under it than the target allows (in the
+        paper reading, under every ``w_b`` the refit could pick:
+        :meth:`_paper_toggles`): the best candidate that reaches the target, or
+        the fact that none does, is still exact. Rows are run closest-to-changing first, and all live
         candidates at once through the incremental path where the layer feeds a
         ``Linear`` or ``Conv2d`` (``IncrementalCurve.toggled_scores``).
         """
@@ -289,26 +305,44 @@ class SelectionProblem:
                        positions: torch.Tensor | None, chunk: int) -> dict[int, tuple[float, float] | None]:
         """:meth:`toggle_rates` in the paper reading, through the same batched pass.
 
-        The paper reading refits ``w_b`` on each mask's scores over all the rows
-        judged, so no candidate can be given up early: every candidate's scores
-        are computed on all the rows (a group of candidates at a time, to bound
-        memory), then read as :func:`_holding_rates` reads one mask's.
+        Every live candidate's center and decision margins are kept for the rows
+        run so far (closest-to-changing first on all of D'_c); a candidate is given
+        up once it changed more decisions than the target allows under every
+        ``w_b`` the refit could choose (:class:`PaperMissBound`). The others are
+        read on all the rows as :func:`_holding_rates` reads one mask's.
         """
-        order = torch.arange(len(self.rows)) if positions is None else positions
-        original = self.original[order.to(self.original.device)]
+        n = len(self.rows) if positions is None else len(positions)
+        order = torch.arange(n) if positions is None else positions  # the row of D'_c judged at each slot
+        run = self._risk if positions is None and self._risk is not None else torch.arange(n)
+        # One more than the strict count allows: the rate is a float32 mean, so never give up one too early.
+        allowed = n if target is None else int((1.0 - target) * n) + 1
+        device = self.original.device
+        original = self.original[order.to(device)]
         contrib = self._contributions(evaluator, build=len(candidates) * 4 >= self.num_units and positions is None)
-        out: dict[int, tuple[float, float] | None] = {}
-        for lo in range(0, len(candidates), PAPER_TOGGLE_GROUP):
-            group = candidates[lo : lo + PAPER_TOGGLE_GROUP]
-            parts = []
-            for start in range(0, len(order), chunk):
-                pos = order[start : start + chunk]
-                if contrib is not None:
-                    parts.append(evaluator.toggled_from_contributions(contrib[pos.to(contrib.device)], mask, group))
-                else:
-                    parts.append(evaluator.toggled_scores(self.rows[pos], mask, group))
-            for j, scores in zip(group, torch.cat(parts, dim=1)):
-                out[j] = self._judged(scores, original, target)
+        centre = torch.zeros(len(candidates), n, device=device)
+        decided = torch.zeros(len(candidates), n, device=device)
+        bound = PaperMissBound(len(candidates), device)
+        alive = torch.arange(len(candidates))
+        for start in range(0, n, chunk):
+            if not len(alive):
+                break
+            slots = run[start : start + chunk]
+            pos = order[slots]
+            group = [candidates[i] for i in alive.tolist()]
+            if contrib is not None:
+                scores = evaluator.toggled_from_contributions(contrib[pos.to(contrib.device)], mask, group)
+            else:
+                scores = evaluator.toggled_scores(self.rows[pos], mask, group)
+            flat = scores.reshape(-1, scores.shape[-1]).to(device)
+            cells = (alive.to(device)[:, None], slots.to(device)[None, :])
+            centre[cells] = center_margin(flat, self.target_class).reshape(len(group), -1)
+            decided[cells] = decision_margin(flat, self.target_class).reshape(len(group), -1)
+            bound.add(centre[cells], original[slots.to(device)], alive)
+            if target is not None:
+                alive = alive[(bound.least(alive) <= allowed).cpu()]
+        out: dict[int, tuple[float, float] | None] = dict.fromkeys(candidates)
+        for i in alive.tolist():
+            out[candidates[i]] = _scored(paper_holding(centre[i], original)[0], decided[i], original, target)
         return out
 
     def _contributions(self, evaluator: Any, build: bool) -> torch.Tensor | None:
@@ -357,11 +391,7 @@ class SelectionProblem:
         """(holding rate in this reading, mean log-sigmoid signed margin) of one mask's scores; None below ``target``."""
         rates = _holding_rates(scores, original, self.target_class, None)
         rate = rates.strict if self.reading == "strict" else rates.paper
-        if target is not None and rate < target:
-            return None
-        m = decision_margin(scores, self.target_class)
-        signed = torch.where(original, m, -m)
-        return rate, float(F.logsigmoid(signed.double()).mean())
+        return _scored(rate, decision_margin(scores, self.target_class), original, target)
 
     def _check(self, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.flatten()
@@ -392,7 +422,12 @@ class SelectionProblem:
         if positions is None:
             # The next masks tried are usually this one with a unit more or less: the inputs
             # it keeps by the smallest margin (or already changed) are the likeliest to change.
-            margin = decision_margin(scores, self.target_class)
+            if self.reading == "strict":
+                margin = decision_margin(scores, self.target_class)
+            else:
+                # The paper reading's margin: how far the center margin is from this mask's threshold.
+                centre = center_margin(scores, self.target_class)
+                margin = math.log(3.0) / paper_holding(centre, self.original)[1] - centre
             signed = torch.where(self.original, margin, -margin)
             self._risk = torch.argsort(signed.cpu(), stable=True)
 
@@ -411,6 +446,15 @@ class SelectionProblem:
         """
         return removal_curve(self.cache, self.rows, self.layer, ranking.flatten().float().to(self.cache.device),
                              self.target_class, ks)
+
+
+def _scored(rate: float, margin: torch.Tensor, original: torch.Tensor,
+            target: float | None) -> tuple[float, float] | None:
+    """(``rate``, mean log-sigmoid of the decision ``margin`` signed by ``original``); None below ``target``."""
+    if target is not None and rate < target:
+        return None
+    signed = torch.where(original, margin, -margin)
+    return rate, float(F.logsigmoid(signed.double()).mean())
 
 
 def _key(mask: torch.Tensor) -> bytes:
