@@ -253,9 +253,9 @@ class SelectionProblem:
         as more inputs changed decision under it than the target allows (in the
         paper reading, under every ``w_b`` the refit could pick:
         :meth:`_paper_toggles`): the best candidate that reaches the target, or
-        the fact that none does, is still exact. Rows are run closest-to-changing first, and all live
-        candidates at once through the incremental path where the layer feeds a
-        ``Linear`` or ``Conv2d`` (``IncrementalCurve.toggled_scores``).
+        the fact that none does, is still exact. Rows are run closest-to-changing
+        first, and all live candidates at once through the incremental path where
+        the layer feeds a ``Linear`` or ``Conv2d`` (``IncrementalCurve.toggled_scores``).
         """
         mask = self._check(mask).bool().cpu()
         n = len(self.rows) if positions is None else len(positions)
