@@ -319,9 +319,12 @@ def test_target_mode_paper_reading_and_bad_targets(planted) -> None:
     r = find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=0.95, reading="paper")
     assert r.settings["target"]["reading"] == "paper"
     assert r.holding_rate >= 0.95
-    # "feat" feeds a Linear: the paper reading's candidates can be given up early too, so it ends with
-    # exact elimination, as the strict reading does.
-    assert SelectionProblem(cache, "feat", 0).batched_toggles and r.settings["target"]["exact_finish"]
+    # "pool" feeds the Linear head (through Flatten): the paper reading ends with exact elimination there, as
+    # the strict reading does (without swap moves).
+    pooled = ActivationCache(model, "pool", x)
+    assert SelectionProblem(pooled, "pool", 0, reading="paper").batched_toggles, "no batched path: proves nothing"
+    r = find_core_units(model, "pool", 0, pooled, progress=False, target_holding_rate=0.95, reading="paper")
+    assert r.settings["target"]["exact_finish"] and r.holding_rate >= 0.95
     with pytest.raises(ValueError, match="target_holding_rate"):
         find_core_units(model, "feat", 0, cache, progress=False, target_holding_rate=1.5)
     with pytest.raises(ValueError, match="reading"):
