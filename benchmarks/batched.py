@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from run import write_section
+from run import selections_in_batches, write_section
 
 from coreunits import ActivationCache, find_core_units, find_core_units_batched
 from coreunits._core.selection import BATCH_SELECTIONS, BATCH_SELECTIONS_GPU, batch_selections
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         t_alone = time.perf_counter() - t0
         for size in args.batch:
             t0 = time.perf_counter()
-            together = [r for start in range(0, len(jobs), size)
-                        for r in find_core_units_batched(model, layer, jobs[start:start + size], cache,
-                                                         progress=False, **coef)]
+            together = selections_in_batches(model, layer, jobs, cache, size, **coef)
             t_together = time.perf_counter() - t0
             diffs = [abs(a.num_units[layer] - b.num_units[layer]) for a, b in zip(alone, together)]
             row = {

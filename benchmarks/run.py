@@ -91,6 +91,14 @@ def step_floor_seconds(cache: ActivationCache, rows: torch.Tensor, batch_size: i
     return statistics.median(_timed(one_pass)[1] for _ in range(repeats)) / len(rows)
 
 
+def selections_in_batches(model: torch.nn.Module, layer: str, jobs: list[tuple[int, int]], cache: ActivationCache,
+                          size: int, **options: Any) -> list[Any]:
+    """``find_core_units_batched`` over consecutive batches of ``size`` (class, seed) jobs, as reproduce runs them."""
+    return [res for start in range(0, len(jobs), size)
+            for res in find_core_units_batched(model, layer, jobs[start:start + size], cache, progress=False,
+                                               **options)]
+
+
 def write_section(path: Path, label: str, lines: list[str]) -> None:
     """Replace (or append) this device's section of the results file, keeping the others and any prose."""
     begin, end = f"<!-- benchmark: {label} -->", f"<!-- end benchmark: {label} -->"
@@ -187,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 if mode == "alone":
                     found = [find_core_units(model, layer, c, cache, seed=r, progress=False, **coef) for c, r in jobs]
                 else:
-                    found = [res for start in range(0, len(jobs), size)
-                             for res in find_core_units_batched(model, layer, jobs[start:start + size],
-                                                                cache, progress=False, **coef)]
+                    found = selections_in_batches(model, layer, jobs, cache, size, **coef)
                 units[mode] += [res.num_units[layer] for res in found]
                 del cache
             seconds[mode] = time.perf_counter() - t0

@@ -111,7 +111,6 @@ class _Stepping:
     run: GateRun
     probe_rows: torch.Tensor
     steps_per_epoch: int
-    last_mask: torch.Tensor
     sums: torch.Tensor  # this epoch's (loss, squared error) summed over its examples
     rows: torch.Tensor = field(init=False)  # D'_c's cache rows and labels in this epoch's order
     labels: torch.Tensor = field(init=False)
@@ -128,7 +127,7 @@ class _Stepping:
               sums: torch.Tensor | None = None) -> _Stepping:
         n = len(run.dprime)
         return cls(target_class, run, run.dprime.index[: min(n, PROBE_ROWS)], math.ceil(n / run.cfg.batch_size),
-                   torch.cat(run.hard()), torch.zeros(2, device=cache.device) if sums is None else sums)
+                   torch.zeros(2, device=cache.device) if sums is None else sums)
 
     def _shuffle(self) -> None:
         perm = torch.randperm(len(self.run.dprime), generator=self.run.index_gen)
@@ -155,7 +154,6 @@ class _Stepping:
         """
         run = self.run
         self.stable = self.stable + 1 if unchanged else 0
-        self.last_mask = mask
         bar.update(1)
         settled = self.step >= run.total_steps // 2 and self.stable >= run.cfg.patience and spread < 0.1
         last = self.step == run.total_steps - 1
@@ -186,6 +184,7 @@ def _stop_flags(mask: torch.Tensor, last: torch.Tensor, probs: torch.Tensor) -> 
 def optimise(cache: ActivationCache, target_class: int, run: GateRun, progress: bool) -> None:
     """Adam on the objective until ``total_steps`` or settled; one history record per epoch."""
     st = _Stepping.start(cache, target_class, run)
+    last = torch.cat(run.hard())
     opt = torch.optim.Adam(run.params, lr=run.cfg.lr)
     bar = progress_bar(enabled=progress, total=run.total_steps, desc=f"class {target_class}", unit="step",
                        leave=False)
@@ -203,7 +202,8 @@ def optimise(cache: ActivationCache, target_class: int, run: GateRun, progress: 
                 p.grad = g
             opt.step()
             mask = torch.cat(run.hard())
-            (unchanged,), (spread,) = _stop_flags(mask[None], st.last_mask[None], probs[None].detach())
+            (unchanged,), (spread,) = _stop_flags(mask[None], last[None], probs[None].detach())
+            last = mask
             st.after_step(cache, mask, unchanged, spread, probs, run.log_wb, bar)
 
 

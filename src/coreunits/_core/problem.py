@@ -335,9 +335,10 @@ class SelectionProblem:
                 scores = evaluator.toggled_scores(self.rows[pos], mask, group)
             flat = scores.reshape(-1, scores.shape[-1]).to(device)
             cells = (alive.to(device)[:, None], slots.to(device)[None, :])
-            centre[cells] = center_margin(flat, self.target_class).reshape(len(group), -1)
+            margin = center_margin(flat, self.target_class).reshape(len(group), -1)
+            centre[cells] = margin
             decided[cells] = decision_margin(flat, self.target_class).reshape(len(group), -1)
-            bound.add(centre[cells], original[slots.to(device)], alive)
+            bound.add(margin, original[slots.to(device)], alive)
             if target is not None:
                 alive = alive[(bound.least(alive) <= allowed).cpu()]
         out: dict[int, tuple[float, float] | None] = dict.fromkeys(candidates)
