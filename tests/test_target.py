@@ -13,6 +13,7 @@ from coreunits._core.target import (
     DROP_RETRIES,
     LOOSER_POOLS,
     PROBE_ROWS,
+    SEED_POOLS,
     Judge,
     _toggle_by_holding,
     eliminate_from_pool,
@@ -251,12 +252,30 @@ def test_target_mode_also_eliminates_from_looser_selections_where_the_layer_feed
     assert r.units["pool"] == PlantedNet.TRUE_UNITS
     t = r.settings["target"]
     # Exact elimination from the calibrated mask (it reached the target), then from two looser selections
-    # (alpha / 3, then / 9); the result is the smallest, so no pool ended smaller.
+    # (alpha / 3, then / 9); the result is the smallest, so no pool ended smaller. A looser pool ran, so no
+    # other seed's selection is spent.
     pools = t["pools"]
     assert len(pools) == 1 + LOOSER_POOLS and pools[0]["calibrated"] and pools[0]["alpha"] == t["calibration"][-1]["alpha"]
     assert pools[1]["alpha"] == pytest.approx(pools[0]["alpha"] / 3) == pytest.approx(pools[2]["alpha"] * 3)
+    assert [p["seed"] for p in pools] == [0, 0, 0]
     assert all(p["units_after"] is None or p["units_after"] >= t["units_after"] for p in pools)
     assert all(p["units_after"] is not None and p["units"] >= p["units_after"] for p in pools if p["reached"])
+
+
+def test_target_mode_joins_another_seeds_selection_where_no_looser_pool_ran(planted, monkeypatch) -> None:
+    from coreunits._core import selection
+
+    model, x = planted
+    monkeypatch.setattr(selection, "LOOSER_POOLS", 0)  # as where every looser selection is too large to eliminate from
+    r = find_core_units(model, "pool", 0, x, progress=False, target_holding_rate=0.99, seed=3)
+    assert r.units["pool"] == PlantedNet.TRUE_UNITS and r.seed == 3
+    t = r.settings["target"]
+    pools = t["pools"]
+    # The calibrated mask, then the smallest set so far joined with seed 4's selection at the calibrated alpha.
+    assert len(pools) == 1 + SEED_POOLS and pools[0]["calibrated"] and [p["seed"] for p in pools] == [3, 4]
+    assert pools[1]["alpha"] == pools[0]["alpha"] and not pools[1]["calibrated"]
+    assert pools[1]["units"] >= t["units_after"]  # the union holds the smallest set found before it
+    assert pools[1]["reached"] and pools[1]["units_after"] is not None and pools[1]["units_after"] >= t["units_after"]
 
 
 def test_target_mode_tries_every_smaller_set_where_the_layer_has_few_units(capsys) -> None:

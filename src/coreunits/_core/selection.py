@@ -46,6 +46,7 @@ from coreunits._core.result import CoreUnits
 from coreunits._core.target import (
     LOOSER_POOLS,
     POOL_COST_SHARE,
+    SEED_POOLS,
     Judge,
     Refinement,
     eliminate_from_pool,
@@ -329,32 +330,34 @@ def _calibrate(cache: ActivationCache, target_class: int, cfg: SelectionConfig, 
     return best, best_rate, best_factor, attempts
 
 
-def _looser_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
-                  judge: Judge, factor: float, best: CoreUnits, best_rate: float, refined: Refinement,
-                  ) -> tuple[CoreUnits, Refinement, list[dict[str, Any]]]:
-    """Exact elimination from the calibrated mask and from looser selections (see :data:`LOOSER_POOLS`).
+def _eliminate_from_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
+                          judge: Judge, factor: float, best: CoreUnits, best_rate: float, refined: Refinement,
+                          ) -> tuple[CoreUnits, Refinement, list[dict[str, Any]]]:
+    """Exact elimination from the calibrated mask, from looser selections and from another seed's union.
 
     The pools, in turn: the calibrated mask itself, when it reaches the target (exact elimination
     from it can end smaller than the probe-ranked drops of :func:`refine_mask`), then selections
-    with alpha divided by 3, 9 from ``factor``. A pool is eliminated from when it reaches the target
-    and its elimination fits what is left of the budget (:data:`POOL_COST_SHARE` of exact greedy's
-    evaluations); a pool that does not fit ends the search, as looser ones are larger. Returns the run and refinement with the fewest units that
-    reach the target (the calibrated ones unless a pool ends smaller), and what each pool did.
+    with alpha divided by 3, 9 from ``factor`` (:data:`LOOSER_POOLS`), then the smallest set found so
+    far joined with a selection at the calibrated alpha from another seed (:data:`SEED_POOLS`), where no
+    looser pool was eliminated from. A pool is eliminated from when it reaches the target and its
+    elimination fits what is left of the budget (:data:`POOL_COST_SHARE` of exact greedy's evaluations);
+    a looser pool that does not fit ends the looser ones, as they are larger. Returns the run and
+    refinement with the fewest units that reach the target (the calibrated ones unless a pool ends
+    smaller), and what each pool did.
     """
     target = float(cfg.target_holding_rate or 0.0)
     specs = cache.specs
     records: list[dict[str, Any]] = []
     budget = POOL_COST_SHARE * elimination_steps(refined.mask.numel(), int(refined.mask.sum()))
-    for step in range(0 if best_rate >= target else 1, LOOSER_POOLS + 1):
-        t0 = time.perf_counter()
-        res = best if step == 0 else _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
-        pool = torch.cat([res.masks[s.name].flatten() for s in specs]).bool().cpu()
-        reached, rate = (True, best_rate) if step == 0 else judge.reaches(pool, target)
+
+    def try_pool(res: CoreUnits, pool: torch.Tensor, known_rate: float | None, record: dict[str, Any]) -> bool:
+        """Eliminate from ``pool`` if it reaches the target and fits the budget; whether it fitted."""
+        nonlocal budget, best, refined
+        reached, rate = (True, known_rate) if known_rate is not None else judge.reaches(pool, target)
         cost = elimination_steps(int(pool.sum()), int(refined.mask.sum()))
         affordable = cost <= budget
-        record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": step == 0,
-                                  "units": int(pool.sum()), "reached": reached, "affordable": affordable,
-                                  "units_after": None, "evaluations": int(step > 0)}
+        record |= {"units": int(pool.sum()), "reached": reached, "affordable": affordable, "units_after": None,
+                   "evaluations": int(known_rate is None)}
         if reached and affordable:
             budget -= cost
             found = eliminate_from_pool(judge, pool, rate, target)
@@ -362,9 +365,30 @@ def _looser_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfi
             record["evaluations"] += found.evaluations
             if refined.holding_rate < target or int(found.mask.sum()) < int(refined.mask.sum()):
                 best, refined = res, found
+        return affordable
+
+    def masks_of(res: CoreUnits) -> torch.Tensor:
+        return torch.cat([res.masks[s.name].flatten() for s in specs]).bool().cpu()
+
+    for step in range(0 if best_rate >= target else 1, LOOSER_POOLS + 1):
+        t0 = time.perf_counter()
+        res = best if step == 0 else _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
+        record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": step == 0,
+                                  "seed": seed}
+        fitted = try_pool(res, masks_of(res), best_rate if step == 0 else None, record)
         records.append(record | {"seconds": time.perf_counter() - t0})
-        if not affordable:
+        if not fitted:
             break
+    looser_ran = any(r["units_after"] is not None for r in records if not r["calibrated"])
+    for other_seed in range(seed + 1, seed + 1 + SEED_POOLS):
+        if looser_ran or budget < int(refined.mask.sum()) + 1:
+            break  # a looser pool already left the calibrated basin, or no budget is left: no optimisation spent
+        t0 = time.perf_counter()
+        res = _plain(cache, target_class, cfg, other_seed, progress, factor)
+        record = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": False, "seed": other_seed}
+        # The result keeps the calibrated run's gates and seed; only its mask comes from the union.
+        try_pool(best, refined.mask | masks_of(res), None, record)
+        records.append(record | {"seconds": time.perf_counter() - t0})
     return best, refined, records
 
 
@@ -394,8 +418,8 @@ def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionCo
     refined = refine_mask(judge, mask, values, target, cfg.drop_order, rate=best_rate)
     pools: list[dict[str, Any]] = []
     if judge.toggle is not None and judge.batched and cfg.drop_order == "least_harm":
-        best, refined, pools = _looser_pools(cache, target_class, cfg, seed, progress, judge, factor, best, best_rate,
-                                             refined)
+        best, refined, pools = _eliminate_from_pools(cache, target_class, cfg, seed, progress, judge, factor, best,
+                                                     best_rate, refined)
     return _refined_result(cache, best, judge, refined, target, cfg, attempts, t0, pools)
 
 
