@@ -156,8 +156,8 @@ def _print_found(r: Any, source: str) -> None:
         if t["drop_order"] == "exhaustive":
             how = (f"no gates optimised: exact greedy elimination from all {t['units_before']} units"
                    + (", and no smaller set reaches it: " if t["smallest"] else ": "))
-        elif t["drop_order"] == "exact":  # a pool's exact elimination ended smallest (_core.target.LOOSER_POOLS)
-            how = f"exact elimination from a selection of {t['units_before']} units ({t['holding_rate_before']:.2%}), "
+        elif t["drop_order"] == "exact":  # a pool's exact elimination ended smallest (settings["target"]["pools"])
+            how = f"exact elimination from a pool of {t['units_before']} units ({t['holding_rate_before']:.2%}), "
         else:
             how = f"{t['units_before']} units before refinement ({t['holding_rate_before']:.2%}), "
         print(f"target {t['target_holding_rate']:.2%} ({t['reading']} reading): {how}"
