@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from coreunits import ActivationCache, SelectionProblem
+from coreunits.cli import _compare_data
 from coreunits.compare import default_methods
-from coreunits.data import get_mnist
-from coreunits.paper import cifar10_data, coefficients, default_checkpoint
+from coreunits.paper import coefficients, default_checkpoint
 from coreunits.train import load_named_or
 
 
@@ -40,10 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.dataset)
     model = load_named_or(ckpt, args.dataset)
-    if args.dataset == "mnist":
-        data, _ = get_mnist(args.data_root, train=True, allow_sample=False)
-    else:
-        data, _ = cifar10_data(args.data_root, quick=False)
+    data = _compare_data(args.dataset, args.data_root)[0]  # D'_c's data exactly as `coreunits compare` takes it
     cache = ActivationCache(model, args.layer, data, batch_size=1000)
     methods = default_methods(0, coefficients(args.dataset, [args.layer]), ["switch_gates", "greedy_exact"])
     totals = {m.name: [0, 0.0] for m in methods}

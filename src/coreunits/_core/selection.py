@@ -330,6 +330,11 @@ def _calibrate(cache: ActivationCache, target_class: int, cfg: SelectionConfig, 
     return best, best_rate, best_factor, attempts
 
 
+def _flat_mask(cache: ActivationCache, res: CoreUnits) -> torch.Tensor:
+    """A run's bool mask over all the cache's layers' units, concatenated (the masks target mode judges)."""
+    return torch.cat([res.masks[s.name].flatten() for s in cache.specs]).bool().cpu()
+
+
 def _eliminate_from_pools(cache: ActivationCache, target_class: int, cfg: SelectionConfig, seed: int, progress: bool,
                           judge: Judge, factor: float, best: CoreUnits, best_rate: float, refined: Refinement,
                           ) -> tuple[CoreUnits, Refinement, list[dict[str, Any]]]:
@@ -346,7 +351,6 @@ def _eliminate_from_pools(cache: ActivationCache, target_class: int, cfg: Select
     smaller), and what each pool did.
     """
     target = float(cfg.target_holding_rate or 0.0)
-    specs = cache.specs
     records: list[dict[str, Any]] = []
     budget = POOL_COST_SHARE * elimination_steps(refined.mask.numel(), int(refined.mask.sum()))
 
@@ -367,15 +371,12 @@ def _eliminate_from_pools(cache: ActivationCache, target_class: int, cfg: Select
                 best, refined = res, found
         return affordable
 
-    def masks_of(res: CoreUnits) -> torch.Tensor:
-        return torch.cat([res.masks[s.name].flatten() for s in specs]).bool().cpu()
-
     for step in range(0 if best_rate >= target else 1, LOOSER_POOLS + 1):
         t0 = time.perf_counter()
         res = best if step == 0 else _plain(cache, target_class, cfg, seed, progress, factor / _ALPHA_STEP ** step)
         record: dict[str, Any] = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": step == 0,
                                   "seed": seed}
-        fitted = try_pool(res, masks_of(res), best_rate if step == 0 else None, record)
+        fitted = try_pool(res, _flat_mask(cache, res), best_rate if step == 0 else None, record)
         records.append(record | {"seconds": time.perf_counter() - t0})
         if not fitted:
             break
@@ -387,7 +388,7 @@ def _eliminate_from_pools(cache: ActivationCache, target_class: int, cfg: Select
         res = _plain(cache, target_class, cfg, other_seed, progress, factor)
         record = {"alpha": res.settings["alpha"], "lam": res.settings["lam"], "calibrated": False, "seed": other_seed}
         # The result keeps the calibrated run's gates and seed; only its mask comes from the union.
-        try_pool(best, refined.mask | masks_of(res), None, record)
+        try_pool(best, refined.mask | _flat_mask(cache, res), None, record)
         records.append(record | {"seconds": time.perf_counter() - t0})
     return best, refined, records
 
@@ -412,7 +413,7 @@ def _find_for_target(cache: ActivationCache, target_class: int, cfg: SelectionCo
                                refined, target, cfg, [], t0)
     best, best_rate, factor, attempts = _calibrate(cache, target_class, cfg, seed, progress)
     judge = mask_judge(cache, dprime, target_class, cfg.reading, seed=seed)
-    mask = torch.cat([best.masks[s.name].flatten() for s in specs])
+    mask = _flat_mask(cache, best)
     values = torch.cat([best.gates[s.name].flatten() for s in specs])
     # The best run's rate was measured on this D'_c by the same path: not measured again.
     refined = refine_mask(judge, mask, values, target, cfg.drop_order, rate=best_rate)
