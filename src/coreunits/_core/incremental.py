@@ -147,36 +147,30 @@ class IncrementalCurve:
         if not isinstance(lin, nn.Linear):
             return None
         units = list(range(self.spec.num_units))
-        parts = []
+        out: torch.Tensor | None = None
         with preserved_model_state(self.cache.model), torch.inference_mode():
-            for chunk in rows.split(batch_size):
-                parts.append(self._contributions(self.cache.frontier_rows(chunk)[0], units).transpose(0, 1).clone())
-        return torch.cat(parts)
+            for lo in range(0, len(rows), batch_size):
+                part = self._contributions(self.cache.frontier_rows(rows[lo : lo + batch_size])[0], units)
+                if out is None:  # written in place: a cat of the parts would copy these GB once more
+                    out = part.new_empty(len(rows), part.shape[0], *part.shape[2:])
+                out[lo : lo + batch_size] = part.transpose(0, 1)
+        return out
 
-    def toggled_from_contributions(self, contrib: torch.Tensor, mask: torch.Tensor,
-                                   candidates: Sequence[int], budget: int = 1 << 24) -> torch.Tensor:
-        """:meth:`toggled_scores` from precomputed :meth:`unit_contributions` of the same rows."""
-        assert isinstance(self.linear, nn.Linear)
-        keep = mask.flatten().to(contrib.device, contrib.dtype)
-        cands = torch.tensor([int(j) for j in candidates], dtype=torch.long, device=contrib.device)
-        k, width = contrib.shape[1], contrib.shape[2]
-        bias = self.linear.bias if self.linear.bias is not None else contrib.new_zeros(width)
-        # Every unit toggled at once, (B, K, O) in the layout of the contributions (no transposed
-        # copies): cheaper than gathering the candidates when they are most of the units.
-        every = len(cands) * 2 > k
-        sign = (1.0 - 2.0 * keep).view(1, -1, 1)
+    def toggled_from_contributions(self, base: torch.Tensor, contrib: torch.Tensor, sign: torch.Tensor,
+                                   budget: int = 1 << 24) -> torch.Tensor:
+        """:meth:`toggled_scores` from precomputed parts: scores ``(G, B, H)``.
+
+        ``base`` ``(B, O)``: the mask's pre-activation of the next ``Linear`` on B rows;
+        ``contrib`` ``(B, G, O)``: each candidate's :meth:`unit_contributions` on them;
+        ``sign`` ``(G,)``: -1 where the candidate is dropped, +1 where it is added.
+        """
+        g, width = contrib.shape[1], contrib.shape[2]
+        step = max(1, budget // (g * width))
         out = []
-        step = max(1, budget // ((k if every else len(cands)) * width))
         with preserved_model_state(self.cache.model), torch.inference_mode(), self.post.activated():
             for lo in range(0, contrib.shape[0], step):
-                c = contrib[lo : lo + step]
-                base = (c.transpose(1, 2) @ keep + bias).unsqueeze(1)
-                if every:
-                    z = torch.addcmul(base, sign, c)
-                else:
-                    z = torch.addcmul(base, sign.index_select(1, cands), c.index_select(1, cands))
-                scores = self.post.suffix([z.reshape(-1, width)], [None]).reshape(len(c), z.shape[1], -1)
-                out.append(scores.index_select(1, cands) if every else scores)
+                z = torch.addcmul(base[lo : lo + step].unsqueeze(1), sign.view(1, -1, 1), contrib[lo : lo + step])
+                out.append(self.post.suffix([z.reshape(-1, width)], [None]).reshape(len(z), g, -1))
         return torch.cat(out, dim=0).transpose(0, 1)
 
     def pre_activation(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,7 @@ class SelectionProblem:
         self._memo_bytes = 0
         self._risk: torch.Tensor | None = None  # positions of D'_c, closest to changing decision first
         self._contrib: torch.Tensor | Literal[False] | None = False  # False: not tried yet; None: not affordable
+        self._base: tuple[bytes, torch.Tensor] | None = None  # (mask bytes, its next-layer pre-activation on D'_c)
 
     @property
     def num_units(self) -> int:
@@ -283,10 +284,7 @@ class SelectionProblem:
             if not alive:
                 break
             pos = order[start : start + chunk]
-            if contrib is not None:
-                scores = evaluator.toggled_from_contributions(contrib[pos.to(contrib.device)], mask, alive)
-            else:
-                scores = evaluator.toggled_scores(self.rows[pos], mask, alive)
+            scores = self._toggled(evaluator, contrib, mask, pos, alive)
             original = self.original[pos.to(self.original.device)]
             m = decision_margin(scores.reshape(-1, scores.shape[-1]), self.target_class).reshape(len(alive), -1)
             signed = torch.where(original, m, -m)
@@ -329,10 +327,7 @@ class SelectionProblem:
             slots = run[start : start + chunk]
             pos = order[slots]
             group = [candidates[i] for i in alive.tolist()]
-            if contrib is not None:
-                scores = evaluator.toggled_from_contributions(contrib[pos.to(contrib.device)], mask, group)
-            else:
-                scores = evaluator.toggled_scores(self.rows[pos], mask, group)
+            scores = self._toggled(evaluator, contrib, mask, pos, group)
             flat = scores.reshape(-1, scores.shape[-1]).to(device)
             cells = (alive.to(device)[:, None], slots.to(device)[None, :])
             margin = center_margin(flat, self.target_class).reshape(len(group), -1)
@@ -345,6 +340,31 @@ class SelectionProblem:
         for i in alive.tolist():
             out[candidates[i]] = _scored(paper_holding(centre[i], original)[0], decided[i], original, target)
         return out
+
+    def _toggled(self, evaluator: Any, contrib: torch.Tensor | None, mask: torch.Tensor, pos: torch.Tensor,
+                 cands: list[int]) -> torch.Tensor:
+        """Scores ``(G, len(pos), H)`` of ``mask`` with each candidate toggled, on rows ``pos`` of D'_c.
+
+        With the units' contributions, only the candidates' are gathered for the rows: the mask's own
+        pre-activation is summed once over D'_c and kept while the mask is the same (a lazy
+        elimination step asks several times for one mask), so a call costs its candidates, not all K.
+        """
+        if contrib is None:
+            return evaluator.toggled_scores(self.rows[pos], mask, cands)
+        key = _key(mask)
+        if self._base is None or self._base[0] != key:
+            lin = evaluator.linear
+            with torch.inference_mode():
+                base = contrib.new_zeros(contrib.shape[0], contrib.shape[2])
+                if lin.bias is not None:
+                    base += lin.bias
+                for j in torch.nonzero(mask).flatten().tolist():
+                    base += contrib[:, j]
+            self._base = (key, base)
+        p = pos.to(contrib.device)
+        idx = torch.tensor(cands, dtype=torch.long, device=contrib.device)
+        sign = 1.0 - 2.0 * mask[cands].to(contrib.device, contrib.dtype)  # kept: dropped (-1); outside: added
+        return evaluator.toggled_from_contributions(self._base[1][p], contrib[p[:, None], idx[None, :]], sign)
 
     def _contributions(self, evaluator: Any, build: bool) -> torch.Tensor | None:
         """The units' contributions to the next Linear on D'_c: built once (when ``build`` and affordable), then reused."""
