@@ -346,8 +346,9 @@ class SelectionProblem:
         """Scores ``(G, len(pos), H)`` of ``mask`` with each candidate toggled, on rows ``pos`` of D'_c.
 
         With the units' contributions, only the candidates' are gathered for the rows: the mask's own
-        pre-activation is summed once over D'_c and kept while the mask is the same (a lazy
-        elimination step asks several times for one mask), so a call costs its candidates, not all K.
+        pre-activation is summed once over D'_c and kept while the mask is the same (every chunk of
+        rows of a step), so a chunk costs its live candidates, not all K units. Gathering all K for
+        every chunk made exact greedy on MNIST max2 class 0 take 180.6 s instead of 68.8 s.
         """
         if contrib is None:
             return evaluator.toggled_scores(self.rows[pos], mask, cands)

@@ -46,8 +46,8 @@ exact elimination from pools: 7.5 units on average in the paper's MNIST max2 whe
 elimination over all units kept 8.5, every class within one unit of it; 16.1 in an MLP's 64-neuron
 relu2 and 46.7 in its 128-neuron relu1, against exact greedy's 18.7 and 48.4. Two of those 30 pairs
 keep more than one unit over exact greedy (relu2 class 9: 23 against 21; relu1 class 8: 79 against
-73). Time, both methods in one run: 1.9 s against exact greedy's 1.8 s a class on relu2, 13.5 s
-against 26.0 s on relu1; on layers this small batched exact greedy is cheap, and the gates win on
+73). Time, both methods in one run: 1.6 s against exact greedy's 1.5 s a class on relu2, 7.8 s
+against 16.7 s on relu1; on layers this small batched exact greedy is cheap, and the gates win on
 units, not time.
 
 Holding rates are judged on D'_c with the hard mask, in the requested reading.
