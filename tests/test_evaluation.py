@@ -49,6 +49,22 @@ def test_incremental_curve_equals_direct(layer: str) -> None:
     assert fast[0]["holding_rate_strict"] == 1.0  # all units kept: nothing changes
 
 
+def test_summed_contributions_equal_the_masked_pre_activation() -> None:
+    model = SmallCNN().eval()
+    x = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    cache = ActivationCache(model, "relu2", x)  # relu2 -> Flatten -> Linear: contributions apply
+    inc = build_incremental(cache, "relu2")
+    assert inc is not None and cache.frontier is not None
+    rows = torch.arange(len(x))
+    contrib = inc.unit_contributions(rows)
+    assert contrib is not None
+    for kept in ([], [0], [1, 4, 7], list(range(8))):
+        mask = torch.zeros(8)
+        mask[kept] = 1.0
+        direct = inc.pre_activation(cache.frontier[0], mask)
+        assert torch.allclose(inc.pre_activation_from_contributions(contrib, mask), direct, atol=1e-5)
+
+
 def test_incremental_declines_when_structure_does_not_fit() -> None:
     model = SmallCNN().eval()
     x = torch.randn(100, 1, 8, 8)

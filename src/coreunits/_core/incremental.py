@@ -156,6 +156,20 @@ class IncrementalCurve:
                 out[lo : lo + batch_size] = part.transpose(0, 1)
         return out
 
+    def pre_activation_from_contributions(self, contrib: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`pre_activation` of ``mask`` from :meth:`unit_contributions` ``contrib`` ``(B, K, O)``: ``(B, O)``.
+
+        The bias plus the kept units' contributions, summed without another pass of the layer.
+        """
+        lin = self.linear
+        with torch.inference_mode():
+            base = contrib.new_zeros(contrib.shape[0], contrib.shape[2])
+            if lin.bias is not None:
+                base += lin.bias
+            for j in torch.nonzero(mask).flatten().tolist():
+                base += contrib[:, j]
+        return base
+
     def toggled_from_contributions(self, base: torch.Tensor, contrib: torch.Tensor, sign: torch.Tensor,
                                    budget: int = 1 << 24) -> torch.Tensor:
         """:meth:`toggled_scores` from precomputed parts: scores ``(G, B, H)``.

@@ -354,14 +354,7 @@ class SelectionProblem:
             return evaluator.toggled_scores(self.rows[pos], mask, cands)
         key = _key(mask)
         if self._base is None or self._base[0] != key:
-            lin = evaluator.linear
-            with torch.inference_mode():
-                base = contrib.new_zeros(contrib.shape[0], contrib.shape[2])
-                if lin.bias is not None:
-                    base += lin.bias
-                for j in torch.nonzero(mask).flatten().tolist():
-                    base += contrib[:, j]
-            self._base = (key, base)
+            self._base = (key, evaluator.pre_activation_from_contributions(contrib, mask))
         p = pos.to(contrib.device)
         idx = torch.tensor(cands, dtype=torch.long, device=contrib.device)
         sign = 1.0 - 2.0 * mask[cands].to(contrib.device, contrib.dtype)  # kept: dropped (-1); outside: added
