@@ -126,3 +126,9 @@ def test_compare_command_on_mnist(tmp_path) -> None:
     assert "coreunits compare mnist --layers max2 --classes 1 --target 0.995 --ablation mean --max-inputs 12000" in text
     assert "a random 12000 of them (seed 0)" in text and "mean ablation" in text
     assert (out / "comparison.png").is_file()
+    # --report-only says how many of the planned runs its records cover, and only then how to finish them.
+    assert main([*argv, "--report-only"]) == 0
+    assert "all 2 (layer, class, method) runs are done." in (out / "report.md").read_text()
+    assert main([*argv[:5], "1", "2", *argv[6:], "--report-only"]) == 0
+    text = (out / "report.md").read_text()
+    assert "2 of 4 (layer, class, method) runs are done; the same command without --report-only" in text
