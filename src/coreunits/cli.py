@@ -460,11 +460,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                + (" --methods " + " ".join(args.methods) if args.methods else "")
                + (f" --out {args.out}" if args.out else ""))
     if args.report_only:
-        planned = len(args.layers) * len(args.classes) * len(methods)
-        description += (f" Report of the stored records only: all {planned} (layer, class, method) runs are done."
-                        if len(records) >= planned else
-                        f" Report of the stored records only: {len(records)} of {planned} (layer, class, method) "
-                        "runs are done; the same command without --report-only completes the rest.")
+        planned = len(args.layers) * len(args.classes) * len(methods)  # compare_methods stores no others
+        done = (f"all {planned} (layer, class, method) runs are done." if len(records) == planned else
+                f"{len(records)} of {planned} (layer, class, method) runs are done; "
+                "the same command without --report-only completes the rest.")
+        description += f" Report of the stored records only: {done}"
     write_comparison_report(out, records, target=args.target, description=description, command=command)
     print(f"wrote {out / 'report.md'} (and comparison.json, CSVs, PNG)")
     if not args.no_html and records:
